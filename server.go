@@ -1,0 +1,741 @@
+// Package ccexecutor is a WebSocket server that runs shell commands for its clients and streams
+// their output back line by line as JSON-RPC 2.0 notifications; the protocol is in PROTOCOL.md.
+//
+// # Reliability fixes
+//
+// The package is the reference implementation of the Python cc_executor service, and is built
+// around the fixes of the six defects its review found. Each has a test that fails without it.
+//
+// FIX_001_RACE_CONDITION, session locking: the session map is touched only under the one mutex
+// of registry, in add, remove, close and len; the check against the limit and the insert happen
+// under the same lock. TestSessionLocking proves it under -race with concurrent sessions.
+//
+// FIX_002_SESSION_LIMIT, session limit: registry.add refuses a session beyond Config.MaxSessions
+// (default MaxSessions), and serveConn then sends the -32001 error and a close frame with status
+// 1008 without using a slot. TestSessionLimit proves it.
+//
+// FIX_003_STREAM_TIMEOUT, stream timeout: withStreamTimeout bounds every run, and supervise ends
+// the group when it expires; process.completed then says "stream timeout after <N>s".
+// TestStreamTimeout proves it, with fake time and with a real process.
+//
+// FIX_004_CONTROL_FLOW, control flow: parseControl gives an unknown or malformed control type a
+// clear -32602 error, and session.control signals the whole process group, never one PID.
+// TestControlFlow proves it.
+//
+// FIX_005_PARTIAL_LINES, partial lines: readLines cuts a line longer than the line limit at a
+// character boundary, appends "...\n" and discards the rest of the line without holding it.
+// TestPartialLines proves it, including that memory stays bounded.
+//
+// FIX_006_CANCELLED_CLEANUP, cancellation cleanup: every end of a run, be it cancel, timeout,
+// disconnect, shutdown or its own exit, goes through supervise, which ends the whole group with
+// SIGTERM, SIGCONT and SIGKILL after the kill grace, and through process.wait, which reaps it;
+// the session joins every goroutine before it frees its slot. TestCancellationCleanup proves it.
+//
+// # Concurrency
+//
+// The only mutex that spans sessions is registry.mu: it guards the session map and the closing
+// flag, and is held for map and counter work only, never across I/O. Everything else is owned
+// by one goroutine at a time and handed over on channels.
+//
+// Each session owns these goroutines, joined by its WaitGroup before its slot is freed:
+// serve, the handler's goroutine, which answers requests in order and owns the session's state;
+// readLoop, which exits when a read fails (the client left, or serve closed the connection);
+// writeLoop, the only writer of data frames, which exits when serve closes its queue or a write
+// fails (every write has a deadline); and, while a command runs, runToEnd, which exits once the
+// process group is reaped, with its three: process.wait and one pump per output stream, which
+// exit at end of file or at the read deadline set once the group is gone. The x/net/websocket
+// reader may also write, to answer a client's Ping; the connection's lock orders those writes.
+package ccexecutor
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+	"unicode/utf8"
+
+	"golang.org/x/net/websocket"
+)
+
+// Version is the protocol version the server reports.
+const Version = "1.0.0"
+
+// Defaults of the tunables; a Config can override each of them.
+const (
+	MaxSessions     = 100              // sessions held at once; one more is refused with close code 1008
+	StreamTimeout   = 5 * time.Minute  // how long a run may take before its group is ended
+	MaxLineBytes    = 512 << 10        // longest output line sent whole; longer lines are cut
+	KillGrace       = 5 * time.Second  // time between SIGTERM and SIGKILL when a group is ended
+	WriteWait       = 10 * time.Second // time a frame may take to be written before the client counts as gone
+	MaxMessageBytes = 1 << 20          // largest inbound frame; a larger one is answered with -32600
+	PingInterval    = 20 * time.Second // write silence after which the server sends a Ping
+)
+
+// maxBatch is the size at which a stream's pending frames are handed to the writer even though
+// more lines are ready.
+const maxBatch = 64 << 10
+
+// Config configures a Server. A zero field takes its default.
+type Config struct {
+	MaxSessions     int           // default MaxSessions
+	StreamTimeout   time.Duration // default StreamTimeout
+	MaxLineBytes    int           // default MaxLineBytes
+	KillGrace       time.Duration // default KillGrace
+	WriteWait       time.Duration // default WriteWait
+	MaxMessageBytes int           // default MaxMessageBytes
+	PingInterval    time.Duration // default PingInterval
+
+	// AllowedCommands, when not empty, are the only programs execute may run: a command is then
+	// split into words and run without a shell, and one holding shell syntax is refused.
+	AllowedCommands []string
+	// AllowedOrigins are the origins, besides the server's own host, whose pages may connect.
+	AllowedOrigins []string
+	// Token, when not empty, must be presented as "Authorization: Bearer <token>" or as the
+	// query parameter token=<token> by every WebSocket handshake.
+	Token string
+	// Logger receives a line per session opened and closed and per run started and ended.
+	// Nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// A Server is the ccexecutor service as an http.Handler: WebSocket sessions on /ws/mcp and /ws,
+// health on /health and /healthz. It is safe for concurrent use.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	mux     *http.ServeMux
+	started time.Time
+	bufs    sync.Pool // *[]byte frame buffers, so that steady streaming does not allocate
+
+	ctx    context.Context         // the parent of every session's context
+	cancel context.CancelCauseFunc // Shutdown cancels ctx with errShutdown
+
+	sessions registry
+}
+
+// NewServer returns a Server with the configuration cfg.
+func NewServer(cfg Config) *Server {
+	orDefault(&cfg.MaxSessions, MaxSessions)
+	orDefault(&cfg.StreamTimeout, StreamTimeout)
+	orDefault(&cfg.MaxLineBytes, MaxLineBytes)
+	orDefault(&cfg.KillGrace, KillGrace)
+	orDefault(&cfg.WriteWait, WriteWait)
+	orDefault(&cfg.MaxMessageBytes, MaxMessageBytes)
+	orDefault(&cfg.PingInterval, PingInterval)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	s := &Server{
+		cfg:      cfg,
+		log:      cfg.Logger,
+		mux:      http.NewServeMux(),
+		started:  time.Now(),
+		bufs:     sync.Pool{New: func() any { return new([]byte) }},
+		sessions: registry{max: cfg.MaxSessions, sessions: map[*session]struct{}{}, drained: make(chan struct{})},
+	}
+	s.ctx, s.cancel = context.WithCancelCause(context.Background())
+	s.mux.HandleFunc("GET /health", s.health)
+	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	s.mux.HandleFunc("/ws/mcp", s.serveWebSocket)
+	s.mux.HandleFunc("/ws", s.serveWebSocket)
+	return s
+}
+
+func orDefault[T int | time.Duration](v *T, def T) {
+	if *v <= 0 {
+		*v = def
+	}
+}
+
+// ServeHTTP implements http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+
+// Shutdown stops admitting sessions, ends every run with the cause "server shutting down",
+// sends each client its process.completed and a close frame with status 1001, and waits for
+// every session to end. It returns ctx.Err() if ctx is done first. It does not close listeners:
+// shut the http.Server down as well.
+func (s *Server) Shutdown(ctx context.Context) error {
+	drained := s.sessions.close()
+	s.cancel(errShutdown)
+	select {
+	case <-drained:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (s *Server) health(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{
+		"status":          "healthy",
+		"service":         "ccexecutor",
+		"version":         Version,
+		"active_sessions": s.sessions.len(),
+		"max_sessions":    s.cfg.MaxSessions,
+		"uptime_seconds":  math.Round(time.Since(s.started).Seconds()*1000) / 1000,
+	})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v)
+}
+
+// serveWebSocket checks access, then upgrades the connection and serves its session.
+func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
+	if code, msg := s.checkAccess(r); code != 0 {
+		http.Error(w, msg, code)
+		return
+	}
+	if s.ctx.Err() != nil {
+		http.Error(w, "server shutting down", http.StatusServiceUnavailable)
+		return
+	}
+	h := &hijacker{ResponseWriter: w, wait: s.cfg.WriteWait}
+	websocket.Server{Handler: func(ws *websocket.Conn) { s.serveConn(ws, h.conn) }}.ServeHTTP(h, r)
+}
+
+// checkAccess applies the protocol's access rules to a handshake. It returns 0 to let it through,
+// or the HTTP status and message to refuse it with.
+func (s *Server) checkAccess(r *http.Request) (int, string) {
+	if local, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok && isLoopback(hostOf(local.String())) && !isLoopback(hostOf(r.Host)) {
+		return http.StatusForbidden, "forbidden: host is not a loopback name"
+	}
+	if origin := r.Header.Get("Origin"); origin != "" && !s.originAllowed(origin, r.Host) {
+		return http.StatusForbidden, "forbidden: origin not allowed"
+	}
+	if s.cfg.Token != "" && !tokenMatches(r, s.cfg.Token) {
+		return http.StatusUnauthorized, "unauthorized"
+	}
+	return 0, ""
+}
+
+// originAllowed reports whether a handshake's Origin may connect: its host must be the host
+// the client connected to, or it must be on the allowed list.
+func (s *Server) originAllowed(origin, host string) bool {
+	u, err := url.Parse(origin)
+	if err != nil || u.Host == "" {
+		return false // includes "null", sent by sandboxed pages and file: URLs
+	}
+	if strings.EqualFold(u.Host, host) {
+		return true
+	}
+	for _, a := range s.cfg.AllowedOrigins {
+		if strings.EqualFold(strings.TrimSuffix(a, "/"), origin) || strings.EqualFold(a, u.Host) {
+			return true
+		}
+	}
+	return false
+}
+
+// tokenMatches reports, in time independent of the token, whether r presents token.
+func tokenMatches(r *http.Request, token string) bool {
+	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok {
+		got = r.URL.Query().Get("token")
+	}
+	return subtle.ConstantTimeCompare([]byte(got), []byte(token)) == 1
+}
+
+// hostOf returns the host of a host[:port], without brackets.
+func hostOf(hostport string) string {
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		return h
+	}
+	return strings.Trim(hostport, "[]")
+}
+
+func isLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
+}
+
+// serveConn serves one upgraded connection as a session, or refuses it when none can be admitted.
+func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
+	ws.MaxPayloadBytes = s.cfg.MaxMessageBytes
+	ss := &session{
+		id:      newUUID(),
+		srv:     s,
+		ws:      ws,
+		conn:    c,
+		in:      make(chan inFrame),
+		out:     make(chan *[]byte, 16),
+		failed:  make(chan struct{}),
+		ended:   make(chan runResult, 1),
+		flushed: make(chan struct{}),
+	}
+	switch err := s.sessions.add(ss); err {
+	case nil:
+	case errLimit:
+		b := appendFrame(nil, opText, []byte(`{"jsonrpc":"2.0","error":{"code":-32001,"message":"Session limit exceeded","data":null}}`))
+		c.Write(appendFrame(b, opClose, closePayload(1008, "Session limit exceeded")))
+		s.log.Info("session refused", "remote", ws.Request().RemoteAddr, "reason", err)
+		return
+	default:
+		c.Write(appendFrame(nil, opClose, closePayload(1001, "Server shutting down")))
+		return
+	}
+	defer s.sessions.remove(ss)
+	ss.ctx, ss.cancel = context.WithCancelCause(s.ctx)
+	defer ss.cancel(nil)
+	ss.log = func(msg string, args ...any) { s.log.Info(msg, append([]any{"session", ss.id}, args...)...) }
+	ss.log("session opened", "remote", ws.Request().RemoteAddr)
+	ss.serve()
+	ss.log("session closed", "cause", context.Cause(ss.ctx))
+}
+
+func newUUID() string {
+	var u [16]byte
+	rand.Read(u[:])
+	u[6] = u[6]&0x0f | 0x40 // version 4
+	u[8] = u[8]&0x3f | 0x80 // RFC 4122 variant
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:])
+}
+
+// hijacker lets x/net/websocket take over the connection through conn, so that every write to
+// the socket passes the same lock and deadline.
+type hijacker struct {
+	http.ResponseWriter
+	wait time.Duration
+	conn *conn
+}
+
+func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	nc, rw, err := http.NewResponseController(h.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	h.conn = &conn{Conn: nc, wait: h.wait}
+	return h.conn, bufio.NewReadWriter(rw.Reader, bufio.NewWriter(h.conn)), nil
+}
+
+// conn is a hijacked connection. Its writes are serialized and each gets a fresh deadline: the
+// session's writer and x/net/websocket answering a client's Ping are its two writers.
+type conn struct {
+	net.Conn
+	wait time.Duration
+
+	mu sync.Mutex // serializes writes
+}
+
+func (c *conn) Write(b []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.Conn.SetWriteDeadline(time.Now().Add(c.wait))
+	return c.Conn.Write(b)
+}
+
+// writeBuffers writes bufs with as few system calls as the connection allows (writev on TCP).
+func (c *conn) writeBuffers(bufs *net.Buffers) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.Conn.SetWriteDeadline(time.Now().Add(c.wait))
+	_, err := bufs.WriteTo(c.Conn)
+	return err
+}
+
+// writeLoop writes the frames queued on out, several at a time when several are queued, and a
+// Ping after PingInterval without a write. It returns once out is closed and drained, or at the
+// first failed write, after which the client counts as gone.
+func (s *session) writeLoop() {
+	defer close(s.flushed)
+	ping := time.NewTimer(s.srv.cfg.PingInterval)
+	defer ping.Stop()
+	var (
+		batch []*[]byte
+		bufs  net.Buffers
+	)
+	for {
+		select {
+		case b, ok := <-s.out:
+			if !ok {
+				return
+			}
+			batch = append(batch[:0], b)
+		drain:
+			for len(batch) < cap(s.out) {
+				select {
+				case b, ok := <-s.out:
+					if !ok {
+						break drain
+					}
+					batch = append(batch, b)
+				default:
+					break drain
+				}
+			}
+			bufs = bufs[:0]
+			for _, b := range batch {
+				bufs = append(bufs, *b)
+			}
+			err := s.conn.writeBuffers(&bufs)
+			for _, b := range batch {
+				s.srv.putBuf(b)
+			}
+			if err != nil {
+				close(s.failed)
+				return
+			}
+		case <-ping.C:
+			if _, err := s.conn.Write(appendFrame(nil, opPing, nil)); err != nil {
+				close(s.failed)
+				return
+			}
+		}
+		ping.Reset(s.srv.cfg.PingInterval)
+	}
+}
+
+func (s *Server) getBuf() *[]byte { b := s.bufs.Get().(*[]byte); *b = (*b)[:0]; return b }
+
+func (s *Server) putBuf(b *[]byte) {
+	if cap(*b) <= 4*maxBatch { // let the odd huge frame go to the collector
+		s.bufs.Put(b)
+	}
+}
+
+// WebSocket opcodes of the frames the server writes.
+const (
+	opText  = 0x1
+	opClose = 0x8
+	opPing  = 0x9
+)
+
+// appendFrame appends an unmasked, unfragmented WebSocket frame (RFC 6455, section 5.2).
+func appendFrame(b []byte, op byte, payload []byte) []byte {
+	n := len(payload)
+	b = append(b, 0x80|op) // FIN
+	switch {
+	case n <= 125:
+		b = append(b, byte(n))
+	case n <= math.MaxUint16:
+		b = binary.BigEndian.AppendUint16(append(b, 126), uint16(n))
+	default:
+		b = binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
+	}
+	return append(b, payload...)
+}
+
+func closePayload(code uint16, reason string) []byte {
+	return append(binary.BigEndian.AppendUint16(nil, code), reason...)
+}
+
+// closeFrame is a close frame as a queued frame.
+func closeFrame(code uint16, reason string) *[]byte {
+	b := appendFrame(nil, opClose, closePayload(code, reason))
+	return &b
+}
+
+// appendOutput appends the JSON of a process.output notification.
+func appendOutput(b []byte, stream string, line []byte, dropped int) []byte {
+	b = append(b, `{"jsonrpc":"2.0","method":"process.output","params":{"type":"`...)
+	b = append(b, stream...)
+	b = append(b, `","data":`...)
+	b = appendString(b, line)
+	if dropped > 0 {
+		b = append(b, `,"truncated":true,"dropped_bytes":`...)
+		b = strconv.AppendInt(b, int64(dropped), 10)
+	} else {
+		b = append(b, `,"truncated":false`...)
+	}
+	return append(b, "}}"...)
+}
+
+// appendString appends s as a JSON string. Invalid UTF-8 becomes U+FFFD, a byte at a time.
+func appendString(b []byte, s []byte) []byte {
+	const hex = "0123456789abcdef"
+	b = append(b, '"')
+	start := 0 // s[start:i] is still to be copied
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c >= 0x20 && c != '"' && c != '\\' && c < utf8.RuneSelf {
+			i++
+			continue
+		}
+		if c >= utf8.RuneSelf {
+			r, size := utf8.DecodeRune(s[i:])
+			if r != utf8.RuneError || size != 1 {
+				i += size
+				continue
+			}
+		}
+		b = append(b, s[start:i]...)
+		switch c {
+		case '"', '\\':
+			b = append(b, '\\', c)
+		case '\n':
+			b = append(b, '\\', 'n')
+		case '\r':
+			b = append(b, '\\', 'r')
+		case '\t':
+			b = append(b, '\\', 't')
+		default:
+			if c < 0x20 {
+				b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
+			} else {
+				b = append(b, "\uFFFD"...)
+			}
+		}
+		i++
+		start = i
+	}
+	b = append(b, s[start:]...)
+	return append(b, '"')
+}
+
+// JSON-RPC error codes.
+const (
+	codeParse          = -32700
+	codeInvalidRequest = -32600
+	codeUnknownMethod  = -32601
+	codeInvalidParams  = -32602
+	codeInternal       = -32603
+	codeNotAllowed     = -32002
+	codeNoProcess      = -32003
+)
+
+// rpcError is the error member of a JSON-RPC response.
+type rpcError struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+}
+
+func (e *rpcError) MarshalJSON() ([]byte, error) {
+	return marshal(struct {
+		Code    int    `json:"code"`
+		Message string `json:"message"`
+		Data    any    `json:"data"`
+	}{e.Code, e.Message, nil})
+}
+
+// marshal is json.Marshal without HTML escaping, so that ids and text go out as they came.
+func marshal(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
+}
+
+// textFrame encodes v as a queued text frame.
+func textFrame(v any) *[]byte {
+	p, err := marshal(v)
+	if err != nil {
+		panic("ccexecutor: encoding a message: " + err.Error()) // only our own types get here
+	}
+	b := appendFrame(nil, opText, p)
+	return &b
+}
+
+func response(id json.RawMessage, result any) *[]byte {
+	return textFrame(struct {
+		JSONRPC string          `json:"jsonrpc"`
+		Result  any             `json:"result"`
+		ID      json.RawMessage `json:"id,omitempty"`
+	}{"2.0", result, id})
+}
+
+func errorResponse(id json.RawMessage, e *rpcError) *[]byte {
+	return textFrame(struct {
+		JSONRPC string          `json:"jsonrpc"`
+		Error   *rpcError       `json:"error"`
+		ID      json.RawMessage `json:"id,omitempty"`
+	}{"2.0", e, id})
+}
+
+func notification(method string, params any) *[]byte {
+	return textFrame(struct {
+		JSONRPC string `json:"jsonrpc"`
+		Method  string `json:"method"`
+		Params  any    `json:"params"`
+	}{"2.0", method, params})
+}
+
+// processEvent is a process.* notification; exit and cause are null when nil.
+func processEvent(method, status string, pid int, exit *int, cause *string) *[]byte {
+	return notification(method, struct {
+		Status   string  `json:"status"`
+		PID      int     `json:"pid"`
+		PGID     int     `json:"pgid"`
+		ExitCode *int    `json:"exit_code"`
+		Error    *string `json:"error"`
+	}{status, pid, pid, exit, cause})
+}
+
+// inFrame is a frame received from the client.
+type inFrame struct {
+	data     []byte
+	binary   bool
+	tooLarge bool
+}
+
+// frameCodec receives frames as they are, noting their type.
+var frameCodec = websocket.Codec{
+	Unmarshal: func(data []byte, payloadType byte, v any) error {
+		*v.(*inFrame) = inFrame{data: data, binary: payloadType == websocket.BinaryFrame}
+		return nil
+	},
+}
+
+// handle answers one frame from the client.
+func (s *session) handle(f inFrame) {
+	switch {
+	case f.tooLarge:
+		s.send(errorResponse(nil, &rpcError{codeInvalidRequest, fmt.Sprintf("Invalid Request: message exceeds %d bytes", s.srv.cfg.MaxMessageBytes)}))
+		return
+	case f.binary:
+		s.send(errorResponse(nil, &rpcError{codeInvalidRequest, "Invalid Request: binary frames are not supported"}))
+		return
+	}
+	id, method, params, rerr := parseRequest(f.data)
+	if rerr != nil {
+		s.send(errorResponse(id, rerr))
+		return
+	}
+	switch method {
+	case "execute":
+		s.execute(id, params)
+	case "control":
+		s.control(id, params)
+	default:
+		s.send(errorResponse(id, &rpcError{codeUnknownMethod, "Unknown method: " + method}))
+	}
+}
+
+// parseRequest splits a request frame into its id, method and params. The id is returned as
+// sent when it is a string or a number, so that errors about the rest can still carry it.
+func parseRequest(data []byte) (id json.RawMessage, method string, params json.RawMessage, rerr *rpcError) {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(data, &fields); err != nil {
+		if !json.Valid(data) {
+			return nil, "", nil, &rpcError{codeParse, "Parse error"}
+		}
+		return nil, "", nil, &rpcError{codeInvalidRequest, "Invalid Request: not a JSON object"}
+	}
+	if fields == nil {
+		return nil, "", nil, &rpcError{codeInvalidRequest, "Invalid Request: not a JSON object"}
+	}
+	switch raw := fields["id"]; {
+	case len(raw) == 0 || string(raw) == "null":
+	case raw[0] == '"' || raw[0] == '-' || raw[0] >= '0' && raw[0] <= '9':
+		id = raw
+	default:
+		return nil, "", nil, &rpcError{codeInvalidRequest, "Invalid Request: id must be a string or a number"}
+	}
+	raw, ok := fields["method"]
+	if !ok {
+		return id, "", nil, &rpcError{codeInvalidRequest, "Invalid Request: missing method"}
+	}
+	if err := json.Unmarshal(raw, &method); err != nil || raw[0] != '"' {
+		return id, "", nil, &rpcError{codeInvalidRequest, "Invalid Request: method must be a string"}
+	}
+	return id, method, fields["params"], nil
+}
+
+// paramsObject decodes params, which may be absent or null, into its members.
+func paramsObject(params json.RawMessage) (map[string]json.RawMessage, *rpcError) {
+	var m map[string]json.RawMessage
+	if len(params) > 0 && (json.Unmarshal(params, &m) != nil || params[0] != '{' && string(params) != "null") {
+		return nil, invalidParams("params must be an object")
+	}
+	return m, nil
+}
+
+func invalidParams(msg string) *rpcError {
+	return &rpcError{codeInvalidParams, "Invalid params: " + msg}
+}
+
+// execRequest is a checked execute request.
+type execRequest struct {
+	cmd     command
+	timeout time.Duration
+	line    string // the command as the client sent it
+}
+
+// parseExecute checks the params of execute and turns them into what to run.
+func (s *Server) parseExecute(params json.RawMessage) (execRequest, *rpcError) {
+	m, rerr := paramsObject(params)
+	if rerr != nil {
+		return execRequest{}, rerr
+	}
+	req := execRequest{timeout: s.cfg.StreamTimeout}
+	if json.Unmarshal(m["command"], &req.line) != nil || strings.TrimSpace(req.line) == "" {
+		return execRequest{}, invalidParams("command must be a non-empty string")
+	}
+	if strings.IndexByte(req.line, 0) >= 0 {
+		return execRequest{}, invalidParams("command must not contain NUL")
+	}
+	if raw := m["timeout"]; len(raw) > 0 && string(raw) != "null" {
+		var secs float64
+		if json.Unmarshal(raw, &secs) != nil || secs <= 0 || secs > math.MaxInt64/float64(time.Second) {
+			return execRequest{}, invalidParams("timeout must be a positive number of seconds")
+		}
+		req.timeout = time.Duration(secs * float64(time.Second))
+	}
+	if raw := m["cwd"]; len(raw) > 0 && string(raw) != "null" {
+		if json.Unmarshal(raw, &req.cmd.dir) != nil {
+			return execRequest{}, invalidParams("cwd must be a string")
+		}
+		if fi, err := os.Stat(req.cmd.dir); err != nil || !fi.IsDir() {
+			return execRequest{}, invalidParams(fmt.Sprintf("cwd %q is not a directory", req.cmd.dir))
+		}
+	}
+	req.cmd.env = os.Environ()
+	if raw := m["env"]; len(raw) > 0 && string(raw) != "null" {
+		var env map[string]json.RawMessage
+		if json.Unmarshal(raw, &env) != nil || raw[0] != '{' {
+			return execRequest{}, invalidParams("env must be an object of strings")
+		}
+		for k, raw := range env {
+			var v string
+			if json.Unmarshal(raw, &v) != nil || raw[0] != '"' {
+				return execRequest{}, invalidParams(fmt.Sprintf("env value of %q must be a string", k))
+			}
+			if k == "" || strings.ContainsAny(k, "=\x00") || strings.IndexByte(v, 0) >= 0 {
+				return execRequest{}, invalidParams(fmt.Sprintf("env entry %q is not a valid variable", k))
+			}
+			if len(s.cfg.AllowedCommands) > 0 && strings.HasPrefix(k, "LD_") {
+				return execRequest{}, invalidParams(fmt.Sprintf("env %q may not be set when commands are restricted", k))
+			}
+			req.cmd.env = append(req.cmd.env, k+"="+v) // later entries win in os/exec
+		}
+	}
+	if len(s.cfg.AllowedCommands) == 0 {
+		req.cmd.args = []string{"/bin/sh", "-c", req.line}
+		return req, nil
+	}
+	words, err := splitWords(req.line)
+	if err != nil {
+		name, _, _ := strings.Cut(strings.TrimSpace(req.line), " ")
+		return execRequest{}, &rpcError{codeNotAllowed, fmt.Sprintf("Command '%s' is not allowed: %v", name, err)}
+	}
+	if !slices.Contains(s.cfg.AllowedCommands, words[0]) {
+		return execRequest{}, &rpcError{codeNotAllowed, fmt.Sprintf("Command '%s' is not allowed", words[0])}
+	}
+	req.cmd.args = words
+	return req, nil
+}
