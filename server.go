@@ -67,6 +67,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -297,12 +298,15 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 		c.Write(appendFrame(nil, opClose, closePayload(1001, "Server shutting down")))
 		return
 	}
-	defer s.sessions.remove(ss)
 	ss.ctx, ss.cancel = context.WithCancelCause(s.ctx)
-	defer ss.cancel(nil)
 	ss.log = func(msg string, args ...any) { s.log.Info(msg, append([]any{"session", ss.id}, args...)...) }
 	ss.log("session opened", "remote", ws.Request().RemoteAddr)
 	ss.serve()
+	ss.cancel(nil)
+	// Free the slot before closing the connection, so that a client that sees the connection
+	// close can connect again at once.
+	s.sessions.remove(ss)
+	c.Close()
 	ss.log("session closed", "cause", context.Cause(ss.ctx))
 }
 
@@ -337,13 +341,16 @@ type conn struct {
 	net.Conn
 	wait time.Duration
 
-	mu sync.Mutex // serializes writes
+	mu      sync.Mutex  // serializes writes
+	aborted atomic.Bool // set by abort: every write fails from then on
 }
 
 func (c *conn) Write(b []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.Conn.SetWriteDeadline(time.Now().Add(c.wait))
+	if err := c.deadline(); err != nil {
+		return 0, err
+	}
 	return c.Conn.Write(b)
 }
 
@@ -351,9 +358,29 @@ func (c *conn) Write(b []byte) (int, error) {
 func (c *conn) writeBuffers(bufs *net.Buffers) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.Conn.SetWriteDeadline(time.Now().Add(c.wait))
+	if err := c.deadline(); err != nil {
+		return err
+	}
 	_, err := bufs.WriteTo(c.Conn)
 	return err
+}
+
+// deadline sets the deadline of the write about to start, unless the connection was aborted.
+// The check comes after the deadline is set, so that an abort either is seen here or moves
+// the deadline of the write that follows into the past.
+func (c *conn) deadline() error {
+	c.Conn.SetWriteDeadline(time.Now().Add(c.wait))
+	if c.aborted.Load() {
+		return net.ErrClosed
+	}
+	return nil
+}
+
+// abort makes the write in progress, if any, and every later write fail at once, without
+// closing the connection and without waiting for the writer's lock.
+func (c *conn) abort() {
+	c.aborted.Store(true)
+	c.Conn.SetWriteDeadline(time.Now())
 }
 
 // writeLoop writes the frames queued on out, several at a time when several are queued, and a

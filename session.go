@@ -147,18 +147,19 @@ func (s *session) serve() {
 		}
 	}
 	cause := context.Cause(s.ctx)
+	if cause == errClientGone {
+		s.conn.abort() // nobody to say goodbye to: fail any write at once
+	}
 	if s.run != nil {
-		s.run.cancel(cause) // a run of a finished session, or of a server going down, ends now
+		s.run.cancel(cause) // the run of a session that ends, ends now
 		s.finish(<-s.ended)
 	}
-	if cause == errClientGone {
-		s.conn.Close() // nobody to say goodbye to; this also unblocks a stuck writer
-	} else {
+	if cause == errShutdown {
 		s.send(closeFrame(1001, "Server shutting down"))
 	}
 	close(s.out)
-	<-s.flushed // every queued frame is written, or a write failed
-	s.conn.Close()
+	<-s.flushed                             // every queued frame is written, or a write failed
+	s.conn.SetReadDeadline(time.Unix(1, 0)) // stops readLoop without closing: see serveConn
 	s.wg.Wait()
 }
 

@@ -1,0 +1,1023 @@
+package ccexecutor
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"testing/synctest"
+	"time"
+)
+
+// TestMain makes the test binary a child subreaper, as the ccexecutor binary is, so that the
+// tests can see every member of a group reaped; after the tests it checks that no goroutine of
+// the package and no child process is left.
+func TestMain(m *testing.M) {
+	if err := SetSubreaper(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	if code == 0 {
+		if g := leakedGoroutines(); g != "" {
+			fmt.Fprintf(os.Stderr, "leaked goroutines:\n%s\n", g)
+			code = 1
+		}
+		if kids := children(); len(kids) > 0 {
+			fmt.Fprintf(os.Stderr, "child processes left behind: %v\n", kids)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// leakedGoroutines returns the stacks of the package's goroutines still running, waiting up to
+// a few seconds for those that are on their way out (closing a test server is asynchronous).
+func leakedGoroutines() string {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		buf := make([]byte, 1<<20)
+		buf = buf[:runtime.Stack(buf, true)]
+		var leaked []string
+		for g := range strings.SplitSeq(string(buf), "\n\n") {
+			if strings.Contains(g, "ccexecutor.") && !strings.Contains(g, "ccexecutor.TestMain") &&
+				!strings.Contains(g, "ccexecutor.leakedGoroutines") {
+				leaked = append(leaked, g)
+			}
+		}
+		if len(leaked) == 0 || time.Now().After(deadline) {
+			return strings.Join(leaked, "\n\n")
+		}
+		runtime.Gosched()
+		time.Sleep(10 * time.Millisecond) // a bounded wait for exits, not a wait for state to settle
+	}
+}
+
+// children lists the PIDs whose parent is this process: with SetSubreaper, every process a
+// test started and that is still alive or unreaped.
+func children() []int {
+	var kids []int
+	me := os.Getpid()
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if st, ok := procStat(pid); ok && st.ppid == me {
+			kids = append(kids, pid)
+		}
+	}
+	return kids
+}
+
+type procState struct {
+	state      byte
+	ppid, pgrp int
+}
+
+// procStat reads the state, parent and process group of pid from /proc.
+func procStat(pid int) (procState, bool) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return procState{}, false
+	}
+	// The command name is in parentheses and may hold spaces; the fields after it are fixed.
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:]))
+	ppid, _ := strconv.Atoi(f[1])
+	pgrp, _ := strconv.Atoi(f[2])
+	return procState{f[0][0], ppid, pgrp}, true
+}
+
+// groupMembers lists the PIDs in process group pgid.
+func groupMembers(pgid int) map[int]procState {
+	members := map[int]procState{}
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		if pid, err := strconv.Atoi(e.Name()); err == nil {
+			if st, ok := procStat(pid); ok && st.pgrp == pgid {
+				members[pid] = st
+			}
+		}
+	}
+	return members
+}
+
+// assertGroupGone checks that no member of group pgid is left, zombies included, and that its
+// leader was reaped.
+func assertGroupGone(t *testing.T, pgid int) {
+	t.Helper()
+	if err := syscall.Kill(-pgid, 0); err != syscall.ESRCH {
+		t.Errorf("kill(-%d, 0) = %v, want ESRCH; members left: %v", pgid, err, groupMembers(pgid))
+	}
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d", pgid)); err == nil {
+		t.Errorf("leader %d was not reaped", pgid)
+	}
+}
+
+// testServer is a Server behind an httptest.Server.
+type testServer struct {
+	*Server
+	hs   *httptest.Server
+	addr string // host:port
+}
+
+func newTestServer(t *testing.T, cfg Config) *testServer {
+	t.Helper()
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := NewServer(cfg)
+	hs := httptest.NewServer(s)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := s.Shutdown(ctx); err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+		hs.Close()
+	})
+	return &testServer{s, hs, strings.TrimPrefix(hs.URL, "http://")}
+}
+
+// msg is any frame from the server, decoded.
+type msg struct {
+	Method string          `json:"method"`
+	Params event           `json:"params"`
+	Result json.RawMessage `json:"result"`
+	Error  *struct {
+		Code    int             `json:"code"`
+		Message string          `json:"message"`
+		Data    json.RawMessage `json:"data"`
+	} `json:"error"`
+	ID  json.RawMessage `json:"id"`
+	raw string
+}
+
+// event is the params of any notification.
+type event struct {
+	SessionID    string  `json:"session_id"`
+	Status       string  `json:"status"`
+	PID          int     `json:"pid"`
+	PGID         int     `json:"pgid"`
+	ExitCode     *int    `json:"exit_code"`
+	Error        *string `json:"error"`
+	Type         string  `json:"type"`
+	Data         string  `json:"data"`
+	Truncated    bool    `json:"truncated"`
+	DroppedBytes int     `json:"dropped_bytes"`
+}
+
+// client is a WebSocket client written for the tests, so that they see the frames as they are
+// on the wire, close codes included.
+type client struct {
+	t       *testing.T
+	c       net.Conn
+	br      *bufio.Reader
+	id      int
+	backlog []msg // notifications read while waiting for something else
+	closed  struct {
+		code   int // status of the close frame received, or 0
+		reason string
+	}
+}
+
+// dial connects to the server's /ws/mcp; it fails the test unless the upgrade succeeds.
+func dial(t *testing.T, addr string) *client {
+	t.Helper()
+	c, resp, err := tryDial(t, addr, nil)
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("dial: HTTP %s", resp.Status)
+	}
+	return c
+}
+
+// tryDial performs the handshake with the extra headers h and returns the response.
+func tryDial(t *testing.T, addr string, h http.Header) (*client, *http.Response, error) {
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	t.Cleanup(func() { nc.Close() })
+	key := make([]byte, 16)
+	rand.Read(key)
+	req, _ := http.NewRequest("GET", "http://"+addr+"/ws/mcp", nil)
+	req.Header.Set("Upgrade", "websocket")
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Sec-WebSocket-Key", base64.StdEncoding.EncodeToString(key))
+	req.Header.Set("Sec-WebSocket-Version", "13")
+	for k, v := range h {
+		req.Header[k] = v
+	}
+	if err := req.Write(nc); err != nil {
+		return nil, nil, err
+	}
+	br := bufio.NewReader(nc)
+	resp, err := http.ReadResponse(br, req)
+	if err != nil {
+		return nil, nil, err
+	}
+	return &client{t: t, c: nc, br: br}, resp, nil
+}
+
+// writeFrame sends one masked frame, as a client must.
+func (c *client) writeFrame(op byte, payload []byte) {
+	c.t.Helper()
+	b := []byte{0x80 | op}
+	switch n := len(payload); {
+	case n <= 125:
+		b = append(b, 0x80|byte(n))
+	case n <= 0xffff:
+		b = binary.BigEndian.AppendUint16(append(b, 0x80|126), uint16(n))
+	default:
+		b = binary.BigEndian.AppendUint64(append(b, 0x80|127), uint64(n))
+	}
+	mask := []byte{1, 2, 3, 4}
+	b = append(b, mask...)
+	for i, x := range payload {
+		b = append(b, x^mask[i%4])
+	}
+	c.c.SetWriteDeadline(time.Now().Add(20 * time.Second))
+	if _, err := c.c.Write(b); err != nil {
+		c.t.Fatalf("write frame: %v", err)
+	}
+}
+
+// readFrame reads one frame; control frames other than close are returned like the rest.
+func (c *client) readFrame() (op byte, payload []byte, err error) {
+	c.c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	var h [2]byte
+	if _, err := io.ReadFull(c.br, h[:]); err != nil {
+		return 0, nil, err
+	}
+	n := uint64(h[1] & 0x7f)
+	switch n {
+	case 126:
+		var l [2]byte
+		_, err = io.ReadFull(c.br, l[:])
+		n = uint64(binary.BigEndian.Uint16(l[:]))
+	case 127:
+		var l [8]byte
+		_, err = io.ReadFull(c.br, l[:])
+		n = binary.BigEndian.Uint64(l[:])
+	}
+	if err != nil {
+		return 0, nil, err
+	}
+	payload = make([]byte, n)
+	if _, err := io.ReadFull(c.br, payload); err != nil {
+		return 0, nil, err
+	}
+	return h[0] & 0x0f, payload, nil
+}
+
+// send sends v as a text frame.
+func (c *client) send(v any) {
+	c.t.Helper()
+	b, ok := v.([]byte)
+	if !ok {
+		var err error
+		if b, err = json.Marshal(v); err != nil {
+			c.t.Fatal(err)
+		}
+	}
+	c.writeFrame(0x1, b)
+}
+
+// next returns the next message, from the backlog first; it fails the test at a close frame,
+// the end of the connection, or after 20 s without a frame.
+func (c *client) next() msg {
+	c.t.Helper()
+	if len(c.backlog) > 0 {
+		m := c.backlog[0]
+		c.backlog = c.backlog[1:]
+		return m
+	}
+	m, err := c.read()
+	if err != nil {
+		c.t.Fatalf("read: %v", err)
+	}
+	return m
+}
+
+// read reads the next data frame, skipping pings; a close frame is recorded and reported as
+// io.EOF.
+func (c *client) read() (msg, error) {
+	for {
+		op, p, err := c.readFrame()
+		switch {
+		case err != nil:
+			return msg{}, err
+		case op == 0x8:
+			if len(p) >= 2 {
+				c.closed.code, c.closed.reason = int(binary.BigEndian.Uint16(p)), string(p[2:])
+			}
+			return msg{}, io.EOF
+		case op == 0x9 || op == 0xa:
+			continue
+		}
+		m := msg{raw: string(p)}
+		if err := json.Unmarshal(p, &m); err != nil {
+			return msg{}, fmt.Errorf("frame %q: %v", p, err)
+		}
+		return m, nil
+	}
+}
+
+// call sends a request and returns its response, keeping notifications read meanwhile.
+func (c *client) call(method string, params any) msg {
+	c.t.Helper()
+	c.id++
+	id := strconv.Itoa(c.id)
+	c.send(map[string]any{"jsonrpc": "2.0", "method": method, "params": params, "id": c.id})
+	for {
+		m, err := c.read()
+		if err != nil {
+			c.t.Fatalf("waiting for the response to %s: %v", method, err)
+		}
+		if m.Method == "" && string(m.ID) == id {
+			return m
+		}
+		c.backlog = append(c.backlog, m)
+	}
+}
+
+// until returns the next notification named method and the messages before it.
+func (c *client) until(method string) (msg, []msg) {
+	c.t.Helper()
+	var before []msg
+	for {
+		m := c.next()
+		if m.Method == method {
+			return m, before
+		}
+		before = append(before, m)
+	}
+}
+
+// connected reads the connected notification that starts a session.
+func (c *client) connected() {
+	c.t.Helper()
+	if m := c.next(); m.Method != "connected" || m.Params.SessionID == "" {
+		c.t.Fatalf("first frame = %s, want connected", m.raw)
+	}
+}
+
+// start executes command and waits until it prints a first line, which it returns with the
+// process's PID: the readiness handshake.
+func (c *client) start(command string, params map[string]any) (pid int, first string) {
+	c.t.Helper()
+	if params == nil {
+		params = map[string]any{}
+	}
+	params["command"] = command
+	r := c.call("execute", params)
+	if r.Error != nil {
+		c.t.Fatalf("execute %q: %s", command, r.raw)
+	}
+	var res struct{ PID, PGID int }
+	json.Unmarshal(r.Result, &res)
+	if res.PID <= 0 || res.PGID != res.PID {
+		c.t.Fatalf("execute result %s: want pid > 0 and pgid == pid", r.Result)
+	}
+	for {
+		m := c.next()
+		if m.Method == "process.output" {
+			return res.PID, m.Params.Data
+		}
+		if m.Method == "process.completed" {
+			c.t.Fatalf("%q completed before printing: %s", command, m.raw)
+		}
+	}
+}
+
+// run executes command and returns its output lines and its process.completed.
+func (c *client) run(command string, params map[string]any) (out []event, done event) {
+	c.t.Helper()
+	if params == nil {
+		params = map[string]any{}
+	}
+	params["command"] = command
+	if r := c.call("execute", params); r.Error != nil {
+		c.t.Fatalf("execute %q: %s", command, r.raw)
+	}
+	m, before := c.until("process.completed")
+	for _, b := range before {
+		if b.Method == "process.output" {
+			out = append(out, b.Params)
+		}
+	}
+	return out, m.Params
+}
+
+// assertWorks checks that the session still runs a command.
+func (c *client) assertWorks() {
+	c.t.Helper()
+	out, done := c.run("echo ok", nil)
+	if len(out) != 1 || out[0].Data != "ok\n" || done.Status != "completed" || *done.ExitCode != 0 {
+		c.t.Fatalf("echo ok: output %+v, completed %+v", out, done)
+	}
+}
+
+// close sends a close frame and waits until the server has closed the connection, which it
+// does only after the session's slot is free.
+func (c *client) close() {
+	c.t.Helper()
+	c.writeFrame(0x8, []byte{0x03, 0xe8})
+	for {
+		if _, _, err := c.readFrame(); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				c.t.Fatal("server did not close the connection")
+			}
+			return
+		}
+	}
+}
+
+// TestSessionLocking guards against FIX_001_RACE_CONDITION: the Python service read and wrote
+// its session map from concurrent handlers without a lock, so that sessions were lost or
+// counted twice under load. Many sessions connect, run, and disconnect at the same time while
+// others read the count; the race detector must stay silent and the count return to zero.
+func TestSessionLocking(t *testing.T) {
+	cycles := 240
+	if testing.Short() {
+		cycles = 60
+	}
+	rows := []struct {
+		name  string
+		cycle func(c *client, i int)
+	}{
+		{"run to completion", func(c *client, i int) {
+			out, done := c.run(fmt.Sprintf("echo %d", i), nil)
+			if len(out) != 1 || out[0].Data != fmt.Sprintf("%d\n", i) || done.Status != "completed" {
+				c.t.Errorf("cycle %d: output %+v, completed %+v", i, out, done)
+			}
+		}},
+		{"disconnect mid-run", func(c *client, i int) { c.start("echo ready; sleep 300", nil) }},
+		{"disconnect before any run", func(c *client, i int) {}},
+	}
+	ts := newTestServer(t, Config{KillGrace: time.Second})
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Go(func() {
+			for i := w; i < cycles; i += 8 {
+				row := rows[i%len(rows)]
+				c := dial(t, ts.addr)
+				c.connected()
+				row.cycle(c, i)
+				c.close()
+			}
+		})
+	}
+	for range 2 {
+		wg.Go(func() { // reads the count while sessions come and go
+			for i := 0; i < cycles; i++ {
+				resp, err := http.Get("http://" + ts.addr + "/health")
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				resp.Body.Close()
+			}
+		})
+	}
+	wg.Wait()
+	if n := ts.sessions.len(); n != 0 {
+		t.Errorf("%d sessions left after every client disconnected, want 0", n)
+	}
+}
+
+// TestSessionLimit guards against FIX_002_SESSION_LIMIT: the Python service accepted any
+// number of sessions. One beyond the limit must get the -32001 error and a close frame with
+// status 1008, concurrent connects must never exceed the limit, and a freed slot must be
+// usable at once.
+func TestSessionLimit(t *testing.T) {
+	for _, limit := range []int{1, 3} {
+		t.Run(fmt.Sprintf("limit=%d", limit), func(t *testing.T) {
+			ts := newTestServer(t, Config{MaxSessions: limit})
+
+			// 2N at once: exactly N admitted, N refused as the protocol says.
+			results := make(chan *client, 2*limit)
+			var wg sync.WaitGroup
+			for range 2 * limit {
+				wg.Go(func() { results <- dial(t, ts.addr) })
+			}
+			wg.Wait()
+			close(results)
+			var admitted []*client
+			for c := range results {
+				m, err := c.read()
+				switch {
+				case err == nil && m.Method == "connected":
+					admitted = append(admitted, c)
+				case err == nil && m.Error != nil && m.Error.Code == -32001:
+					assertRefused(t, c, m)
+				default:
+					t.Fatalf("first frame: %+v, %v", m, err)
+				}
+			}
+			if len(admitted) != limit {
+				t.Fatalf("admitted %d of %d simultaneous connects, want %d", len(admitted), 2*limit, limit)
+			}
+
+			// N+1 while N are held.
+			extra := dial(t, ts.addr)
+			m, err := extra.read()
+			if err != nil || m.Error == nil || m.Error.Code != -32001 {
+				t.Fatalf("connection %d: %+v, %v; want -32001", limit+1, m, err)
+			}
+			assertRefused(t, extra, m)
+
+			// A slot freed by a disconnect is usable at once, and the sessions held still work.
+			admitted[0].close()
+			c := dial(t, ts.addr)
+			c.connected()
+			c.assertWorks()
+			for _, a := range admitted[1:] {
+				a.assertWorks()
+			}
+			if n := ts.sessions.len(); n != limit {
+				t.Errorf("sessions = %d, want %d", n, limit)
+			}
+		})
+	}
+}
+
+// assertRefused checks the rest of a refusal: the error exactly as the protocol gives it, then
+// a close frame with status 1008, then nothing.
+func assertRefused(t *testing.T, c *client, m msg) {
+	t.Helper()
+	if want := `{"jsonrpc":"2.0","error":{"code":-32001,"message":"Session limit exceeded","data":null}}`; m.raw != want {
+		t.Errorf("refusal = %s, want %s", m.raw, want)
+	}
+	if _, err := c.read(); err != io.EOF || c.closed.code != 1008 || c.closed.reason != "Session limit exceeded" {
+		t.Errorf("after the refusal: err %v, close code %d %q; want a close frame 1008", err, c.closed.code, c.closed.reason)
+	}
+	if _, _, err := c.readFrame(); err != io.EOF {
+		t.Errorf("after the close frame: %v, want the connection closed", err)
+	}
+}
+
+// fakeGroup is a process group for supervise that exists only in memory, so that its timers
+// can run in a synctest bubble.
+type fakeGroup struct {
+	mu       sync.Mutex
+	signals  []syscall.Signal
+	onSignal func(g *fakeGroup, sig syscall.Signal) // how the group reacts
+	leader   chan struct{}
+	empty    chan struct{}
+	gone     bool
+}
+
+func newFakeGroup(onSignal func(*fakeGroup, syscall.Signal)) *fakeGroup {
+	return &fakeGroup{onSignal: onSignal, leader: make(chan struct{}), empty: make(chan struct{})}
+}
+
+func (g *fakeGroup) signal(sig syscall.Signal) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.gone {
+		return syscall.ESRCH
+	}
+	if sig != 0 {
+		g.signals = append(g.signals, sig)
+		g.onSignal(g, sig)
+	}
+	return nil
+}
+
+// dieLocked ends the fake group: its leader exits and everything is reaped.
+func (g *fakeGroup) dieLocked() {
+	g.gone = true
+	close(g.leader)
+	close(g.empty)
+}
+
+func (g *fakeGroup) sent() []syscall.Signal {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return slices.Clone(g.signals)
+}
+
+func (g *fakeGroup) exited() <-chan struct{} { return g.leader }
+func (g *fakeGroup) reaped() <-chan struct{} { return g.empty }
+
+// TestStreamTimeout guards against FIX_003_STREAM_TIMEOUT: in the Python service the stream
+// timeout was not in effect, or a run still going was reported completed with exit 0. A run
+// that outlives its timeout must be ended, group and all, and reported as failed with the
+// cause "stream timeout after <N>s".
+func TestStreamTimeout(t *testing.T) {
+	const grace = 5 * time.Second
+	term, cont, kill := syscall.SIGTERM, syscall.SIGCONT, syscall.SIGKILL
+	rows := []struct {
+		name     string
+		onSignal func(*fakeGroup, syscall.Signal)
+		want     []syscall.Signal // signals sent by the time everything is over
+		took     time.Duration    // from the start to the group being gone
+	}{
+		{"group ends on SIGTERM", func(g *fakeGroup, sig syscall.Signal) {
+			if sig == syscall.SIGTERM {
+				g.dieLocked()
+			}
+		}, []syscall.Signal{term}, StreamTimeout},
+		{"group ignores SIGTERM", func(g *fakeGroup, sig syscall.Signal) {
+			if sig == syscall.SIGKILL {
+				g.dieLocked()
+			}
+		}, []syscall.Signal{term, cont, kill}, StreamTimeout + grace},
+	}
+	for _, row := range rows {
+		t.Run("fake time/"+row.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				g := newFakeGroup(row.onSignal)
+				ctx, cancel := withStreamTimeout(t.Context(), StreamTimeout)
+				defer cancel()
+				start := time.Now()
+				var cause error
+				done := make(chan struct{})
+				go func() { cause = supervise(ctx, g, grace); close(done) }()
+
+				time.Sleep(StreamTimeout - time.Nanosecond)
+				synctest.Wait()
+				if s := g.sent(); len(s) != 0 {
+					t.Fatalf("signals before the timeout: %v", s)
+				}
+				time.Sleep(time.Nanosecond)
+				synctest.Wait()
+				if s := g.sent(); len(s) == 0 || s[0] != term {
+					t.Fatalf("signals at the timeout: %v, want SIGTERM first", s)
+				}
+				<-done
+				if took := time.Since(start); took != row.took {
+					t.Errorf("group gone after %v, want %v", took, row.took)
+				}
+				if s := g.sent(); !slices.Equal(s, row.want) {
+					t.Errorf("signals = %v, want %v", s, row.want)
+				}
+				if want := "stream timeout after 300s"; cause == nil || cause.Error() != want {
+					t.Errorf("cause = %v, want %q", cause, want)
+				}
+			})
+		})
+	}
+
+	realRows := []struct {
+		name, command string
+	}{
+		{"sleep", "echo ready; sleep 300"},
+		{"ignores SIGTERM, with a grandchild", "trap '' TERM; sleep 300 & echo ready; sleep 300"},
+	}
+	for _, row := range realRows {
+		t.Run("real process/"+row.name, func(t *testing.T) {
+			t.Parallel()
+			ts := newTestServer(t, Config{KillGrace: 200 * time.Millisecond})
+			c := dial(t, ts.addr)
+			c.connected()
+			pgid, _ := c.start(row.command, map[string]any{"timeout": 0.5})
+			done, _ := c.until("process.completed")
+			p := done.Params
+			if p.Status != "failed" || p.Error == nil || *p.Error != "stream timeout after 0.5s" || p.PGID != pgid {
+				t.Errorf("process.completed = %s", done.raw)
+			}
+			assertGroupGone(t, pgid)
+			c.assertWorks()
+		})
+	}
+}
+
+// TestControlFlow guards against FIX_004_CONTROL_FLOW: the Python service accepted unknown
+// control types silently and signalled a single PID, or a stale one. Each control request
+// must get its exact result or error, act on the whole process group, and leave the session
+// usable.
+func TestControlFlow(t *testing.T) {
+	type want struct {
+		status string // the result's status, or
+		code   int    // the error's code
+		msg    string // and message
+	}
+	rows := []struct {
+		name   string
+		params any
+		idle   want // with no process running
+		busy   want // with one running
+	}{
+		{"PAUSE", map[string]any{"type": "PAUSE"}, want{"", -32003, "No process is running"}, want{status: "paused"}},
+		{"RESUME", map[string]any{"type": "RESUME"}, want{"", -32003, "No process is running"}, want{status: "resumed"}},
+		{"CANCEL", map[string]any{"type": "CANCEL"}, want{"", -32003, "No process is running"}, want{status: "canceled"}},
+		{"unknown type", map[string]any{"type": "STOP"}, want{"", -32602, "Unknown control type: STOP"}, want{"", -32602, "Unknown control type: STOP"}},
+		{"lower case", map[string]any{"type": "pause"}, want{"", -32602, "Unknown control type: pause"}, want{"", -32602, "Unknown control type: pause"}},
+		{"missing type", map[string]any{}, want{"", -32602, "Invalid params: missing control type (PAUSE, RESUME or CANCEL)"}, want{"", -32602, "Invalid params: missing control type (PAUSE, RESUME or CANCEL)"}},
+		{"non-string type", map[string]any{"type": 1}, want{"", -32602, "Invalid params: control type must be a string (PAUSE, RESUME or CANCEL)"}, want{"", -32602, "Invalid params: control type must be a string (PAUSE, RESUME or CANCEL)"}},
+		{"params not an object", []any{"PAUSE"}, want{"", -32602, "Invalid params: params must be an object"}, want{"", -32602, "Invalid params: params must be an object"}},
+	}
+	check := func(t *testing.T, m msg, w want) {
+		t.Helper()
+		if w.status != "" {
+			var res struct{ Status string }
+			json.Unmarshal(m.Result, &res)
+			if m.Error != nil || res.Status != w.status {
+				t.Errorf("response %s, want status %q", m.raw, w.status)
+			}
+			return
+		}
+		if m.Error == nil || m.Error.Code != w.code || m.Error.Message != w.msg || string(m.Error.Data) != "null" {
+			t.Errorf("response %s, want error %d %q", m.raw, w.code, w.msg)
+		}
+	}
+	ts := newTestServer(t, Config{KillGrace: time.Second})
+	for _, row := range rows {
+		t.Run(row.name+"/no process", func(t *testing.T) {
+			c := dial(t, ts.addr)
+			c.connected()
+			check(t, c.call("control", row.params), row.idle)
+			c.assertWorks()
+		})
+		t.Run(row.name+"/running", func(t *testing.T) {
+			c := dial(t, ts.addr)
+			c.connected()
+			pgid, _ := c.start("echo ready; sleep 300", nil)
+			check(t, c.call("control", row.params), row.busy)
+			if row.busy.status != "" {
+				n, _ := c.until("process." + row.busy.status)
+				if n.Params.Status != row.busy.status || n.Params.PGID != pgid || n.Params.ExitCode != nil || n.Params.Error != nil {
+					t.Errorf("notification %s", n.raw)
+				}
+			}
+			if row.busy.status != "canceled" {
+				c.call("control", map[string]any{"type": "CANCEL"})
+			}
+			done, _ := c.until("process.completed")
+			if done.Params.Error == nil || *done.Params.Error != "canceled" {
+				t.Errorf("process.completed = %s, want error canceled", done.raw)
+			}
+			assertGroupGone(t, pgid)
+			c.assertWorks()
+		})
+	}
+
+	// PAUSE stops every member of the group, not only the leader, and RESUME starts them again.
+	t.Run("PAUSE and RESUME act on the whole group", func(t *testing.T) {
+		c := dial(t, ts.addr)
+		c.connected()
+		// The output comes from a grandchild, a loop in a subshell of the leader, which also
+		// records in a file how far it got.
+		counter := filepath.Join(t.TempDir(), "counter")
+		pgid, _ := c.start(`(i=0; while :; do i=$((i+1)); echo $i; echo $i > `+counter+`; sleep 0.01; done); wait`, nil)
+		check(t, c.call("control", map[string]any{"type": "PAUSE"}), want{status: "paused"})
+		waitGroupState(t, pgid, func(st byte) bool { return st == 'T' }, "stopped")
+		check(t, c.call("control", map[string]any{"type": "PAUSE"}), want{status: "paused"}) // no change
+		waitGroupState(t, pgid, func(st byte) bool { return st == 'T' }, "stopped")
+		b, err := os.ReadFile(counter)
+		stoppedAt, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil || stoppedAt == 0 {
+			t.Fatalf("counter: %q, %v", b, err)
+		}
+		check(t, c.call("control", map[string]any{"type": "RESUME"}), want{status: "resumed"})
+		waitGroupState(t, pgid, func(st byte) bool { return st != 'T' }, "running")
+		// The stopped loop had printed at most stoppedAt+1; a later line shows it runs again.
+		for {
+			m := c.next()
+			if n, _ := strconv.Atoi(strings.TrimSpace(m.Params.Data)); m.Method == "process.output" && n > stoppedAt+1 {
+				break
+			}
+		}
+		c.call("control", map[string]any{"type": "CANCEL"})
+		c.until("process.completed")
+		assertGroupGone(t, pgid)
+	})
+}
+
+// waitGroupState waits until every member of group pgid is in a state for which ok is true.
+// A signal takes effect when the kernel next schedules each member, so this polls /proc; it
+// fails the test if that does not happen within 10 s.
+func waitGroupState(t *testing.T, pgid int, ok func(state byte) bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		members := groupMembers(pgid)
+		all := len(members) > 1 // the leader and at least the subshell
+		for _, st := range members {
+			all = all && ok(st.state)
+		}
+		if all {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("group %d is not all %s: %v", pgid, what, members)
+		}
+		runtime.Gosched()
+	}
+}
+
+// TestPartialLines guards against FIX_005_PARTIAL_LINES: the Python service marked any line
+// ending in "..." as truncated, and a line over 8 MiB stopped its stream for good while the
+// child blocked. A line over the limit must be cut at a character boundary and marked, the
+// rest of it discarded without being held, and the next line delivered as usual.
+func TestPartialLines(t *testing.T) {
+	type line struct {
+		data    string
+		dropped int
+	}
+	const limit = 16
+	a := func(n int) string { return strings.Repeat("a", n) }
+	rows := []struct {
+		name  string
+		input string
+		want  []line
+	}{
+		{"empty line", "\n", []line{{"\n", 0}}},
+		{"no input", "", nil},
+		{"short lines", "one\ntwo\n", []line{{"one\n", 0}, {"two\n", 0}}},
+		{"exactly the limit", a(limit) + "\nnext\n", []line{{a(limit) + "\n", 0}, {"next\n", 0}}},
+		{"limit+1", a(limit+1) + "\nnext\n", []line{{a(limit) + "...\n", 1}, {"next\n", 0}}},
+		{"many times the limit", a(limit*100+7) + "\nnext\n", []line{{a(limit) + "...\n", limit*99 + 7}, {"next\n", 0}}},
+		{"CRLF", "one\r\ntwo\r\n", []line{{"one\r\n", 0}, {"two\r\n", 0}}},
+		{"CRLF at the limit", a(limit-1) + "\r\n", []line{{a(limit-1) + "\r\n", 0}}},
+		{"lone CR stays in the line", "a\rb\n", []line{{"a\rb\n", 0}}},
+		{"last line without newline", "one\ntwo", []line{{"one\n", 0}, {"two", 0}}},
+		{"last line without newline at the limit", a(limit), []line{{a(limit), 0}}},
+		{"truncated last line without newline", a(limit + 5), []line{{a(limit) + "...\n", 5}}},
+		{"multi-byte character across the cut", a(limit-1) + "é" + "\n", []line{{a(limit-1) + "...\n", 2}}},
+		{"4-byte character across the cut", a(limit-2) + "😀\n", []line{{a(limit-2) + "...\n", 4}}},
+		{"character ending at the limit", a(limit-2) + "é" + "b\n", []line{{a(limit-2) + "é...\n", 1}}},
+		{"invalid UTF-8 passes to the encoder", "\xff\xfeok\n", []line{{"\xff\xfeok\n", 0}}},
+	}
+	for _, row := range rows {
+		t.Run(row.name, func(t *testing.T) {
+			var got []line
+			err := readLines(strings.NewReader(row.input), limit, func(l []byte, dropped int, _ bool) error {
+				got = append(got, line{string(l), dropped})
+				return nil
+			})
+			if err != nil || !slices.Equal(got, row.want) {
+				t.Errorf("readLines(%q) = %+v, %v; want %+v", row.input, got, err, row.want)
+			}
+			for _, l := range got {
+				if len(l.data) > limit+len(truncMarker) {
+					t.Errorf("line of %d bytes, limit %d", len(l.data), limit)
+				}
+			}
+		})
+	}
+
+	encRows := []struct{ name, line, want string }{
+		{"invalid UTF-8 becomes U+FFFD", "\xff\xfeok\n", "\uFFFD\uFFFDok\n"},
+		{"control characters", "a\tb\x01\"\\\n", "a\tb\x01\"\\\n"},
+		{"valid multi-byte", "é😀\n", "é😀\n"},
+	}
+	for _, row := range encRows {
+		t.Run("encode/"+row.name, func(t *testing.T) {
+			var m msg
+			b := appendOutput(nil, "stdout", []byte(row.line), 0)
+			if err := json.Unmarshal(b, &m); err != nil || m.Params.Data != row.want || m.Params.Truncated {
+				t.Errorf("appendOutput(%q) = %s (%v); want data %q", row.line, b, err, row.want)
+			}
+		})
+	}
+
+	t.Run("100 MB line through a 64 KiB limit", func(t *testing.T) {
+		if testing.Short() {
+			t.Skip("reads 100 MB")
+		}
+		const big, limit = 100 << 20, 64 << 10
+		src := io.MultiReader(io.LimitReader(repeatReader('x'), big), strings.NewReader("\nafter\n"))
+		var got []line
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		err := readLines(src, limit, func(l []byte, dropped int, _ bool) error {
+			got = append(got, line{string(l[:min(len(l), 8)]) + strconv.Itoa(len(l)), dropped})
+			return nil
+		})
+		runtime.ReadMemStats(&after)
+		want := []line{{"xxxxxxxx" + strconv.Itoa(limit+len(truncMarker)), big - limit}, {"after\n6", 0}}
+		if err != nil || !slices.Equal(got, want) {
+			t.Errorf("got %v, %v; want %v", got, err, want)
+		}
+		if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 8*limit {
+			t.Errorf("allocated %d bytes for a 100 MB line, want at most %d", alloc, 8*limit)
+		}
+	})
+
+	t.Run("real process", func(t *testing.T) {
+		ts := newTestServer(t, Config{MaxLineBytes: 1024})
+		c := dial(t, ts.addr)
+		c.connected()
+		out, done := c.run("head -c 300000 /dev/zero | tr '\\0' x; echo; echo after; printf 'x...\\n'", nil)
+		want := []event{
+			{Type: "stdout", Data: strings.Repeat("x", 1024) + "...\n", Truncated: true, DroppedBytes: 300000 - 1024},
+			{Type: "stdout", Data: "after\n"},
+			{Type: "stdout", Data: "x...\n"}, // ends in dots, but is not truncated
+		}
+		if !slices.Equal(out, want) || done.Status != "completed" {
+			t.Errorf("output %+v\ncompleted %+v", out, done)
+		}
+	})
+}
+
+// repeatReader is an endless stream of one byte.
+type repeatReader byte
+
+func (r repeatReader) Read(p []byte) (int, error) {
+	for i := range p {
+		p[i] = byte(r)
+	}
+	return len(p), nil
+}
+
+// TestCancellationCleanup guards against FIX_006_CANCELLED_CLEANUP: the Python service sent no
+// process.completed after a cancel, left a paused group stopped, and leaked processes and
+// sessions when a client vanished. Every way a run can end must end and reap the whole group,
+// including a background grandchild and a child that ignores SIGTERM, and free what the
+// session held.
+func TestCancellationCleanup(t *testing.T) {
+	commands := []struct{ name, command string }{
+		{"background grandchild", "sleep 300 & echo ready; sleep 300"},
+		{"ignores SIGTERM", "trap '' TERM; sleep 300 & echo ready; sleep 300"},
+	}
+	ends := []struct {
+		name  string
+		cause string // the error of process.completed, when the client sees it
+		end   func(t *testing.T, ts *testServer, c *client)
+	}{
+		{"CANCEL", "canceled", func(t *testing.T, ts *testServer, c *client) {
+			c.call("control", map[string]any{"type": "CANCEL"})
+		}},
+		{"CANCEL while paused", "canceled", func(t *testing.T, ts *testServer, c *client) {
+			c.call("control", map[string]any{"type": "PAUSE"})
+			c.call("control", map[string]any{"type": "CANCEL"})
+		}},
+		{"stream timeout", "stream timeout after 1s", nil}, // the run's timeout ends it
+		{"client disconnect", "", func(t *testing.T, ts *testServer, c *client) {
+			c.close()
+		}},
+		{"Shutdown", "server shutting down", func(t *testing.T, ts *testServer, c *client) {
+			shut := make(chan error, 1)
+			go func() { shut <- ts.Shutdown(t.Context()) }() // returns once every session is over
+			done, _ := c.until("process.completed")
+			if done.Params.Error == nil || *done.Params.Error != "server shutting down" {
+				t.Errorf("process.completed = %s", done.raw)
+			}
+			if _, err := c.read(); err != io.EOF || c.closed.code != 1001 {
+				t.Errorf("after shutdown: %v, close code %d; want close 1001", err, c.closed.code)
+			}
+			if err := <-shut; err != nil {
+				t.Errorf("Shutdown: %v", err)
+			}
+		}},
+	}
+	for _, cmd := range commands {
+		for _, end := range ends {
+			t.Run(cmd.name+"/"+end.name, func(t *testing.T) {
+				t.Parallel()
+				ts := newTestServer(t, Config{KillGrace: 300 * time.Millisecond})
+				c := dial(t, ts.addr)
+				c.connected()
+				params := map[string]any{}
+				if end.end == nil {
+					params["timeout"] = 1
+				}
+				pgid, _ := c.start(cmd.command, params)
+				if end.end != nil {
+					end.end(t, ts, c)
+				}
+				switch end.name {
+				case "client disconnect", "Shutdown":
+					// The server closed the connection only after the session ended.
+					if n := ts.sessions.len(); n != 0 {
+						t.Errorf("sessions = %d after the session ended, want 0", n)
+					}
+				default:
+					done, _ := c.until("process.completed")
+					if p := done.Params; p.Status != "failed" || p.Error == nil || *p.Error != end.cause {
+						t.Errorf("process.completed = %s, want error %q", done.raw, end.cause)
+					}
+					c.assertWorks()
+				}
+				assertGroupGone(t, pgid)
+			})
+		}
+	}
+}
