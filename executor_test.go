@@ -152,7 +152,9 @@ func newTestServer(t *testing.T, cfg Config) *testServer {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		if err := s.Shutdown(ctx); err != nil {
+			// Close would wait for the sessions that did not end; leave them to TestMain.
 			t.Errorf("Shutdown: %v", err)
+			return
 		}
 		hs.Close()
 	})
@@ -190,12 +192,13 @@ type event struct {
 // client is a WebSocket client written for the tests, so that they see the frames as they are
 // on the wire, close codes included.
 type client struct {
-	t       *testing.T
-	c       net.Conn
-	br      *bufio.Reader
-	id      int
-	backlog []msg // notifications read while waiting for something else
-	closed  struct {
+	t        *testing.T
+	c        net.Conn
+	br       *bufio.Reader
+	id       int
+	backlog  []msg // notifications read while waiting for something else
+	wantExit int   // for TestCancellationCleanup's rows
+	closed   struct {
 		code   int // status of the close frame received, or 0
 		reason string
 	}
@@ -953,9 +956,12 @@ func (r repeatReader) Read(p []byte) (int, error) {
 // including a background grandchild and a child that ignores SIGTERM, and free what the
 // session held.
 func TestCancellationCleanup(t *testing.T) {
-	commands := []struct{ name, command string }{
-		{"background grandchild", "sleep 300 & echo ready; sleep 300"},
-		{"ignores SIGTERM", "trap '' TERM; sleep 300 & echo ready; sleep 300"},
+	commands := []struct {
+		name, command string
+		exit          int // how the leader must end: SIGTERM acted on, or SIGKILL after the grace
+	}{
+		{"background grandchild", "sleep 300 & echo ready; sleep 300", -int(syscall.SIGTERM)},
+		{"ignores SIGTERM", "trap '' TERM; sleep 300 & echo ready; sleep 300", -int(syscall.SIGKILL)},
 	}
 	ends := []struct {
 		name  string
@@ -977,8 +983,8 @@ func TestCancellationCleanup(t *testing.T) {
 			shut := make(chan error, 1)
 			go func() { shut <- ts.Shutdown(t.Context()) }() // returns once every session is over
 			done, _ := c.until("process.completed")
-			if done.Params.Error == nil || *done.Params.Error != "server shutting down" {
-				t.Errorf("process.completed = %s", done.raw)
+			if done.Params.Error == nil || *done.Params.Error != "server shutting down" || *done.Params.ExitCode != c.wantExit {
+				t.Errorf("process.completed = %s, want exit code %d", done.raw, c.wantExit)
 			}
 			if _, err := c.read(); err != io.EOF || c.closed.code != 1001 {
 				t.Errorf("after shutdown: %v, close code %d; want close 1001", err, c.closed.code)
@@ -995,6 +1001,7 @@ func TestCancellationCleanup(t *testing.T) {
 				ts := newTestServer(t, Config{KillGrace: 300 * time.Millisecond})
 				c := dial(t, ts.addr)
 				c.connected()
+				c.wantExit = cmd.exit
 				params := map[string]any{}
 				if end.end == nil {
 					params["timeout"] = 1
@@ -1011,8 +1018,8 @@ func TestCancellationCleanup(t *testing.T) {
 					}
 				default:
 					done, _ := c.until("process.completed")
-					if p := done.Params; p.Status != "failed" || p.Error == nil || *p.Error != end.cause {
-						t.Errorf("process.completed = %s, want error %q", done.raw, end.cause)
+					if p := done.Params; p.Status != "failed" || p.Error == nil || *p.Error != end.cause || *p.ExitCode != cmd.exit {
+						t.Errorf("process.completed = %s, want error %q and exit code %d", done.raw, end.cause, cmd.exit)
 					}
 					c.assertWorks()
 				}
