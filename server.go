@@ -56,6 +56,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"math"
 	"net"
@@ -332,18 +333,35 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	h.conn = &conn{Conn: nc, wait: h.wait}
-	return h.conn, bufio.NewReadWriter(rw.Reader, bufio.NewWriter(h.conn)), nil
+	// Read through conn too, so that it sees every frame the client sends, Pongs included;
+	// what the server read ahead comes first.
+	ahead, _ := rw.Reader.Peek(rw.Reader.Buffered())
+	r := io.MultiReader(bytes.NewReader(bytes.Clone(ahead)), h.conn)
+	return h.conn, bufio.NewReadWriter(bufio.NewReader(r), bufio.NewWriter(h.conn)), nil
 }
 
 // conn is a hijacked connection. Its writes are serialized and each gets a fresh deadline: the
-// session's writer and x/net/websocket answering a client's Ping are its two writers.
+// session's writer and x/net/websocket answering a client's Ping are its two writers. It notes
+// when the client last sent anything, so that a Ping left unanswered can be noticed.
 type conn struct {
 	net.Conn
 	wait time.Duration
 
-	mu      sync.Mutex  // serializes writes
-	aborted atomic.Bool // set by abort: every write fails from then on
+	mu       sync.Mutex   // serializes writes
+	aborted  atomic.Bool  // set by abort: every write fails from then on
+	lastRead atomic.Int64 // when a read last returned data, in Unix nanoseconds
 }
+
+func (c *conn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if n > 0 {
+		c.lastRead.Store(time.Now().UnixNano())
+	}
+	return n, err
+}
+
+// readSince reports whether the client has sent anything since t.
+func (c *conn) readSince(t time.Time) bool { return c.lastRead.Load() >= t.UnixNano() }
 
 func (c *conn) Write(b []byte) (int, error) {
 	c.mu.Lock()
@@ -384,15 +402,17 @@ func (c *conn) abort() {
 }
 
 // writeLoop writes the frames queued on out, several at a time when several are queued, and a
-// Ping after PingInterval without a write. It returns once out is closed and drained, or at the
-// first failed write, after which the client counts as gone.
+// Ping after PingInterval without a write. It returns once out is closed and drained, or when
+// the client is gone: a write failed, or the client sent nothing, not even a Pong, in the
+// PingInterval after a Ping.
 func (s *session) writeLoop() {
 	defer close(s.flushed)
 	ping := time.NewTimer(s.srv.cfg.PingInterval)
 	defer ping.Stop()
 	var (
-		batch []*[]byte
-		bufs  net.Buffers
+		batch  []*[]byte
+		bufs   net.Buffers
+		pinged time.Time // when the Ping that awaits an answer was sent, or zero
 	)
 	for {
 		select {
@@ -426,6 +446,11 @@ func (s *session) writeLoop() {
 				return
 			}
 		case <-ping.C:
+			if !pinged.IsZero() && !s.conn.readSince(pinged) {
+				close(s.failed)
+				return
+			}
+			pinged = time.Now()
 			if _, err := s.conn.Write(appendFrame(nil, opPing, nil)); err != nil {
 				close(s.failed)
 				return
