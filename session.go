@@ -276,6 +276,7 @@ func (s *session) pump(stream string, f *os.File) error {
 // finish reports the end of a run: process.error if something failed on our side, then
 // process.completed. The session then accepts the next execute.
 func (s *session) finish(res runResult) {
+	res.r.cancel(nil) // releases the run's context; a no-op if it was canceled with a cause
 	s.run = nil
 	if res.err != nil {
 		s.send(notification("process.error", map[string]any{"error": res.err.Error()}))
