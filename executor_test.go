@@ -784,25 +784,25 @@ func TestControlFlow(t *testing.T) {
 	t.Run("PAUSE and RESUME act on the whole group", func(t *testing.T) {
 		c := dial(t, ts.addr)
 		c.connected()
-		// The output comes from a grandchild, a loop in a subshell of the leader, which also
-		// records in a file how far it got.
+		// The output comes from a grandchild, a loop in a subshell of the leader, which records
+		// in a file how far it got before it prints each number.
 		counter := filepath.Join(t.TempDir(), "counter")
-		pgid, _ := c.start(`(i=0; while :; do i=$((i+1)); echo $i; echo $i > `+counter+`; sleep 0.01; done); wait`, nil)
+		pgid, _ := c.start(`(i=0; while :; do i=$((i+1)); echo $i > `+counter+`; echo $i; sleep 0.01; done); wait`, nil)
 		check(t, c.call("control", map[string]any{"type": "PAUSE"}), want{status: "paused"})
-		waitGroupState(t, pgid, func(st byte) bool { return st == 'T' }, "stopped")
+		waitGroupState(t, pgid, stopped, "stopped")
 		check(t, c.call("control", map[string]any{"type": "PAUSE"}), want{status: "paused"}) // no change
-		waitGroupState(t, pgid, func(st byte) bool { return st == 'T' }, "stopped")
+		waitGroupState(t, pgid, stopped, "stopped")
 		b, err := os.ReadFile(counter)
 		stoppedAt, _ := strconv.Atoi(strings.TrimSpace(string(b)))
 		if err != nil || stoppedAt == 0 {
 			t.Fatalf("counter: %q, %v", b, err)
 		}
 		check(t, c.call("control", map[string]any{"type": "RESUME"}), want{status: "resumed"})
-		waitGroupState(t, pgid, func(st byte) bool { return st != 'T' }, "running")
-		// The stopped loop had printed at most stoppedAt+1; a later line shows it runs again.
+		waitGroupState(t, pgid, func(pid int, st byte) bool { return st != 'T' }, "running")
+		// The stopped loop had printed at most stoppedAt; a later number shows it runs again.
 		for {
 			m := c.next()
-			if n, _ := strconv.Atoi(strings.TrimSpace(m.Params.Data)); m.Method == "process.output" && n > stoppedAt+1 {
+			if n, _ := strconv.Atoi(strings.TrimSpace(m.Params.Data)); m.Method == "process.output" && n > stoppedAt {
 				break
 			}
 		}
@@ -812,17 +812,34 @@ func TestControlFlow(t *testing.T) {
 	})
 }
 
+// stopped reports whether process pid will not run again before a SIGCONT: it is stopped, or
+// it is blocked in the kernel (a shell in vfork, waiting for a child that was stopped before it
+// could exec) with a SIGSTOP pending, which it acts on before it returns.
+func stopped(pid int, state byte) bool {
+	if state == 'T' {
+		return true
+	}
+	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for l := range strings.Lines(string(status)) {
+		if pending, ok := strings.CutPrefix(l, "ShdPnd:"); ok {
+			mask, _ := strconv.ParseUint(strings.TrimSpace(pending), 16, 64)
+			return state == 'D' && mask&(1<<(syscall.SIGSTOP-1)) != 0
+		}
+	}
+	return false
+}
+
 // waitGroupState waits until every member of group pgid is in a state for which ok is true.
 // A signal takes effect when the kernel next schedules each member, so this polls /proc; it
 // fails the test if that does not happen within 10 s.
-func waitGroupState(t *testing.T, pgid int, ok func(state byte) bool, what string) {
+func waitGroupState(t *testing.T, pgid int, ok func(pid int, state byte) bool, what string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		members := groupMembers(pgid)
 		all := len(members) > 1 // the leader and at least the subshell
-		for _, st := range members {
-			all = all && ok(st.state)
+		for pid, st := range members {
+			all = all && ok(pid, st.state)
 		}
 		if all {
 			return
