@@ -96,14 +96,14 @@ type session struct {
 	ctx    context.Context         // done when the server shuts down or the session ends
 	cancel context.CancelCauseFunc // ends ctx with the reason the session ends
 
-	in      chan inFrame   // frames received, for serve; closed when readLoop returns
-	out     chan *[]byte   // encoded frames, for writeLoop; closed by serve when it is done
-	failed  chan struct{}  // closed by writeLoop when a write fails: the client is gone
-	flushed chan struct{}  // closed when writeLoop returns
-	ended   chan runResult // a finished run's result, from runToEnd to serve
-	run     *run           // the run in progress, or nil; serve alone uses it
-	wg      sync.WaitGroup // the session's goroutines
-	log     func(msg string, args ...any)
+	in      chan inFrame                  // frames received, for serve; closed when readLoop returns
+	out     chan *[]byte                  // encoded frames, for writeLoop; closed by serve when it is done
+	failed  chan struct{}                 // closed by writeLoop when a write fails: the client is gone
+	flushed chan struct{}                 // closed when writeLoop returns
+	ended   chan runResult                // a finished run's result, from runToEnd to serve
+	run     *run                          // the run in progress, or nil; serve alone uses it
+	wg      sync.WaitGroup                // the session's goroutines
+	log     func(msg string, args ...any) // logs with the session's id
 }
 
 // run is a command in progress.
@@ -134,11 +134,11 @@ func (s *session) serve() {
 	for s.ctx.Err() == nil {
 		select {
 		case f, ok := <-s.in:
-			if !ok {
+			if ok {
+				s.handle(f)
+			} else {
 				s.cancel(errClientGone)
-				break
 			}
-			s.handle(f)
 		case res := <-s.ended:
 			s.finish(res)
 		case <-s.failed:
