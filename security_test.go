@@ -1,0 +1,1120 @@
+package ccexecutor
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+	"unicode/utf8"
+)
+
+// The tests of this file cross each of the server's limits from the outside, as a hostile or
+// broken client would, and check that the server refuses, answers or disconnects as the
+// protocol says, and that nothing is left behind: no process, no session, no pile of memory.
+
+// TestAccess guards the handshake: a web page in the user's browser (cross-site WebSocket
+// hijacking), a DNS-rebinding page that reaches the loopback server under a foreign name, and a
+// client without the operator's token must all be refused with an HTTP error and never get a
+// session; a non-browser client, the server's own origin, an allowed origin and the right token
+// must get one. Health stays open.
+func TestAccess(t *testing.T) {
+	open := newTestServer(t, Config{AllowedOrigins: []string{"http://app.example"}})
+	locked := newTestServer(t, Config{Token: "s3cret"})
+	origin := func(o string) func(addr string) http.Header {
+		return func(addr string) http.Header {
+			return http.Header{"Origin": {strings.ReplaceAll(o, "ADDR", addr)}}
+		}
+	}
+	bearer := func(tok string) func(string) http.Header {
+		return func(string) http.Header { return http.Header{"Authorization": {"Bearer " + tok}} }
+	}
+	rows := []struct {
+		name   string
+		ts     *testServer
+		target string                        // request target; default /ws/mcp
+		host   string                        // Host header; default the server's address
+		header func(addr string) http.Header // extra headers
+		want   int                           // HTTP status
+	}{
+		{name: "no Origin", ts: open, want: http.StatusSwitchingProtocols},
+		{name: "same origin", ts: open, header: origin("http://ADDR"), want: http.StatusSwitchingProtocols},
+		{name: "same origin on /ws", ts: open, target: "/ws", header: origin("http://ADDR"), want: http.StatusSwitchingProtocols},
+		{name: "allowed origin", ts: open, header: origin("http://app.example"), want: http.StatusSwitchingProtocols},
+		{name: "Origin null", ts: open, header: origin("null"), want: http.StatusForbidden},
+		{name: "foreign origin", ts: open, header: origin("http://evil.example"), want: http.StatusForbidden},
+		{name: "look-alike origin", ts: open, header: origin("http://127.0.0.1.evil.example"), want: http.StatusForbidden},
+		{name: "look-alike origin with port", ts: open, header: origin("http://ADDR.evil.example"), want: http.StatusForbidden},
+		{name: "allowed origin as a prefix", ts: open, header: origin("http://app.example.evil.example"), want: http.StatusForbidden},
+		{name: "allowed origin, other scheme", ts: open, header: origin("https://app.example"), want: http.StatusForbidden},
+		{name: "same host, other port", ts: open, header: origin("http://127.0.0.1:1"), want: http.StatusForbidden},
+		{name: "Host localhost", ts: open, host: "localhost", want: http.StatusSwitchingProtocols},
+		{name: "Host [::1]", ts: open, host: "[::1]:8003", want: http.StatusSwitchingProtocols},
+		{name: "Host not loopback", ts: open, host: "evil.example", want: http.StatusForbidden},
+		{name: "Host not loopback, with port", ts: open, host: "evil.example:8003", want: http.StatusForbidden},
+		{name: "Host rebinding look-alike", ts: open, host: "127.0.0.1.evil.example", want: http.StatusForbidden},
+		{name: "Host localhost look-alike", ts: open, host: "localhost.evil.example", want: http.StatusForbidden},
+		{name: "Host foreign, Origin matching it", ts: open, host: "evil.example", header: origin("http://evil.example"), want: http.StatusForbidden},
+		{name: "token missing", ts: locked, want: http.StatusUnauthorized},
+		{name: "token wrong", ts: locked, header: bearer("s3cre"), want: http.StatusUnauthorized},
+		{name: "token wrong, longer", ts: locked, header: bearer("s3cret2"), want: http.StatusUnauthorized},
+		{name: "token without Bearer", ts: locked, header: func(string) http.Header { return http.Header{"Authorization": {"s3cret"}} }, want: http.StatusUnauthorized},
+		{name: "token wrong in query", ts: locked, target: "/ws/mcp?token=nope", want: http.StatusUnauthorized},
+		{name: "token empty in query", ts: locked, target: "/ws/mcp?token=", want: http.StatusUnauthorized},
+		{name: "token Bearer", ts: locked, header: bearer("s3cret"), want: http.StatusSwitchingProtocols},
+		{name: "token in query", ts: locked, target: "/ws/mcp?token=s3cret", want: http.StatusSwitchingProtocols},
+		{name: "token in query on /ws", ts: locked, target: "/ws?token=s3cret", want: http.StatusSwitchingProtocols},
+		{name: "token right, foreign origin", ts: locked, header: func(addr string) http.Header {
+			return http.Header{"Authorization": {"Bearer s3cret"}, "Origin": {"http://evil.example"}}
+		}, want: http.StatusForbidden},
+	}
+	for _, row := range rows {
+		t.Run(row.name, func(t *testing.T) {
+			target := row.target
+			if target == "" {
+				target = "/ws/mcp"
+			}
+			var h http.Header
+			if row.header != nil {
+				h = row.header(row.ts.addr)
+			}
+			c, resp := handshake(t, row.ts.addr, target, row.host, h)
+			if resp.StatusCode != row.want {
+				t.Fatalf("HTTP %s, want %d", resp.Status, row.want)
+			}
+			if row.want == http.StatusSwitchingProtocols {
+				c.connected()
+				c.close()
+				return
+			}
+			body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<10))
+			if up := resp.Header.Get("Upgrade"); up != "" || resp.Header.Get("Sec-WebSocket-Accept") != "" {
+				t.Errorf("refusal carries Upgrade %q: the connection was upgraded", up)
+			}
+			if !strings.HasPrefix(string(body), map[int]string{403: "forbidden", 401: "unauthorized"}[row.want]) {
+				t.Errorf("body %q", body)
+			}
+			if n := row.ts.sessions.len(); n != 0 {
+				t.Errorf("sessions = %d after a refusal, want 0", n)
+			}
+		})
+	}
+	for _, path := range []string{"/health", "/healthz"} {
+		t.Run("token not needed for "+path, func(t *testing.T) {
+			resp, err := http.Get("http://" + locked.addr + path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			var v map[string]any
+			if err := json.NewDecoder(resp.Body).Decode(&v); err != nil || resp.StatusCode != http.StatusOK {
+				t.Errorf("GET %s: %s, %v, %v; want 200 and JSON", path, resp.Status, v, err)
+			}
+		})
+	}
+}
+
+// handshake performs a WebSocket handshake on addr with the request target target, the Host
+// header host (the address when empty) and the extra headers h, and returns the response. Unlike
+// tryDial it lets the test choose the path, the query and the Host.
+func handshake(t *testing.T, addr, target, host string, h http.Header) (*client, *http.Response) {
+	t.Helper()
+	nc, br, resp, err := rawHandshake(addr, target, host, h)
+	if err != nil {
+		t.Fatalf("handshake: %v", err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	return &client{t: t, c: nc, br: br}, resp
+}
+
+// rawHandshake is handshake for callers without a *testing.T; the caller closes the connection.
+func rawHandshake(addr, target, host string, h http.Header) (net.Conn, *bufio.Reader, *http.Response, error) {
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	key := make([]byte, 16)
+	rand.Read(key)
+	req, err := http.NewRequest("GET", "http://"+addr+target, nil)
+	if err != nil {
+		nc.Close()
+		return nil, nil, nil, err
+	}
+	if host != "" {
+		req.Host = host
+	}
+	req.Header.Set("Upgrade", "websocket")
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Sec-WebSocket-Key", base64.StdEncoding.EncodeToString(key))
+	req.Header.Set("Sec-WebSocket-Version", "13")
+	for k, v := range h {
+		req.Header[k] = v
+	}
+	nc.SetDeadline(time.Now().Add(20 * time.Second))
+	if err := req.Write(nc); err != nil {
+		nc.Close()
+		return nil, nil, nil, err
+	}
+	br := bufio.NewReader(nc)
+	resp, err := http.ReadResponse(br, req)
+	if err != nil {
+		nc.Close()
+		return nil, nil, nil, err
+	}
+	nc.SetDeadline(time.Time{})
+	return nc, br, resp, nil
+}
+
+// TestAllowlist guards against the Python service's allowlist bypass: it checked the first
+// word, then ran the whole text in a shell, so "echo x; anything" passed. With an allowlist,
+// a command must either be refused with -32002 before any process starts, or run the listed
+// program alone, with the rest as its literal arguments.
+func TestAllowlist(t *testing.T) {
+	ts := newTestServer(t, Config{AllowedCommands: []string{"echo", "id"}})
+	full := newTestServer(t, Config{AllowedCommands: []string{"/usr/bin/id"}})
+	dir := t.TempDir()
+	marker := filepath.Join(dir, "created")
+	// A fake id earlier in a PATH the client passes: the server's PATH must decide what runs.
+	fake := filepath.Join(dir, "id")
+	if err := os.WriteFile(fake, []byte("#!/bin/sh\necho pwned\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const refused = "refused"
+	rows := []struct {
+		name    string
+		ts      *testServer
+		command string
+		env     map[string]string
+		want    string // refused, or the output's first line (prefix for id)
+		code    int    // the error code when refused; -32002 unless said
+	}{
+		{name: "semicolon", command: "echo x; id", want: refused},
+		{name: "and", command: "echo x && id", want: refused},
+		{name: "background", command: "echo x & id", want: refused},
+		{name: "pipe", command: "echo x | id", want: refused},
+		{name: "or", command: "echo x || id", want: refused},
+		{name: "command substitution", command: "echo $(id)", want: refused},
+		{name: "command substitution in double quotes", command: `echo "$(id)"`, want: refused},
+		{name: "backquotes", command: "echo `id`", want: refused},
+		{name: "backquotes in double quotes", command: "echo \"`id`\"", want: refused},
+		{name: "variable", command: "echo $HOME", want: refused},
+		{name: "redirect out", command: "echo x > " + marker, want: refused},
+		{name: "redirect in", command: "id < /etc/passwd", want: refused},
+		{name: "subshell", command: "(id)", want: refused},
+		{name: "process substitution", command: "echo <(id)", want: refused},
+		{name: "newline", command: "echo x\nid", want: refused},
+		{name: "newline only after a listed command", command: "id\n", want: refused},
+		{name: "unlisted program", command: "sh -c id", want: refused},
+		{name: "unlisted program, case", command: "ID", want: refused},
+		{name: "assignment prefix", command: "LD_PRELOAD=/x.so id", want: refused},
+		{name: "relative path", command: "./id", want: refused},
+		{name: "full path when the name is listed", command: "/usr/bin/id", want: refused},
+		{name: "name when the full path is listed", ts: full, command: "id", want: refused},
+		{name: "empty word", command: "'' id", want: refused},
+		{name: "unterminated quote", command: "echo 'x", want: refused},
+		{name: "trailing backslash", command: `echo x\`, want: refused},
+		{name: "empty command", command: "", want: refused, code: -32602},
+		{name: "blank command", command: "  \t ", want: refused, code: -32602},
+		{name: "LD_PRELOAD", command: "echo x", env: map[string]string{"LD_PRELOAD": "/nonexistent.so"}, want: refused, code: -32602},
+		{name: "LD_LIBRARY_PATH", command: "echo x", env: map[string]string{"LD_LIBRARY_PATH": dir}, want: refused, code: -32602},
+
+		// The first word after unquoting is the program: 'i''d' is id, which is listed.
+		{name: "listed program in pieces of quotes", command: "'i''d'", want: "uid="},
+		{name: "quoted listed program", command: `"echo" hello`, want: "hello\n"},
+		{name: "leading spaces", command: "   echo hi", want: "hi\n"},
+		{name: "shell syntax in single quotes is an argument", command: "echo 'x; id'", want: "x; id\n"},
+		{name: "shell syntax in double quotes is an argument", command: `echo "a|b>c"`, want: "a|b>c\n"},
+		{name: "escaped semicolon is an argument", command: `echo x\;id`, want: "x;id\n"},
+		{name: "dollar in single quotes is an argument", command: "echo '$(id)'", want: "$(id)\n"},
+		{name: "glob is an argument", command: "echo /*", want: "/*\n"},
+		{name: "comment is an argument", command: "echo x #y", want: "x #y\n"},
+		{name: "full path when it is listed", ts: full, command: "/usr/bin/id", want: "uid="},
+		{name: "PATH from the client does not choose the program", command: "id", env: map[string]string{"PATH": dir}, want: "uid="},
+	}
+	for _, row := range rows {
+		t.Run(row.name, func(t *testing.T) {
+			s := ts
+			if row.ts != nil {
+				s = row.ts
+			}
+			c := dial(t, s.addr)
+			c.connected()
+			params := map[string]any{"command": row.command}
+			if row.env != nil {
+				params["env"] = row.env
+			}
+			r := c.call("execute", params)
+			if row.want == refused {
+				code := row.code
+				if code == 0 {
+					code = -32002
+				}
+				if r.Error == nil || r.Error.Code != code {
+					t.Fatalf("execute %q: %s, want error %d", row.command, r.raw, code)
+				}
+				if code == -32002 && !strings.HasPrefix(r.Error.Message, "Command '") {
+					t.Errorf("message %q, want Command '<name>' is not allowed", r.Error.Message)
+				}
+				assertNoRun(t, c)
+				if _, err := os.Stat(marker); err == nil {
+					t.Errorf("%s was created", marker)
+				}
+			} else {
+				if r.Error != nil {
+					t.Fatalf("execute %q: %s", row.command, r.raw)
+				}
+				done, before := c.until("process.completed")
+				var out []string
+				for _, m := range before {
+					if m.Method == "process.output" {
+						out = append(out, m.Params.Data)
+					}
+				}
+				if len(out) != 1 || !strings.HasPrefix(out[0], row.want) || done.Params.Status != "completed" {
+					t.Errorf("execute %q: output %q, %s; want one line %q", row.command, out, done.raw, row.want)
+				}
+			}
+			c.close()
+		})
+	}
+}
+
+// assertNoRun checks that no run is in progress on c and that no notification of one arrived:
+// the next frame must be the -32003 answer to a PAUSE.
+func assertNoRun(t *testing.T, c *client) {
+	t.Helper()
+	c.send([]byte(`{"jsonrpc":"2.0","method":"control","params":{"type":"PAUSE"},"id":"no-run"}`))
+	m := c.next()
+	if m.Method != "" || string(m.ID) != `"no-run"` || m.Error == nil || m.Error.Code != -32003 {
+		t.Errorf("after a refused command: %s; want the -32003 answer to PAUSE, and no run", m.raw)
+	}
+}
+
+// TestHostileInput guards against the Python service's fragile framing: non-object JSON,
+// binary frames and odd ids crashed its session silently. Every frame must get exactly one
+// response, in valid UTF-8 JSON with the protocol's error, and the same session must run a
+// command afterwards.
+func TestHostileInput(t *testing.T) {
+	const maxMessage = 256 << 10
+	ts := newTestServer(t, Config{MaxMessageBytes: maxMessage})
+	huge := "1" + strings.Repeat("0", 99_999)
+	obj := func(body string) []byte { return []byte(`{"jsonrpc":"2.0",` + body + `}`) }
+	exec := func(params string) []byte {
+		return obj(`"method":"execute","params":` + params + `,"id":"x"`)
+	}
+	type row struct {
+		name   string
+		frame  []byte
+		binary bool
+		code   int    // the error code of the response
+		id     string // the id it must carry, as sent; "" for none
+		// badUTF8 rows break the UTF-8 a text frame must hold; the server may answer them with
+		// -32700 and no id, or read them with U+FFFD for each bad byte and answer code.
+		badUTF8 bool
+	}
+	rows := []row{
+		{name: "invalid JSON", frame: []byte(`{"jsonrpc":"2.0","method":`), code: -32700},
+		{name: "garbage", frame: []byte("\x00\x01\x02 not json"), code: -32700},
+		{name: "empty frame", frame: []byte{}, code: -32700},
+		{name: "two objects", frame: []byte(`{"method":"control"}{"method":"control"}`), code: -32700},
+		{name: "array", frame: []byte(`[{"jsonrpc":"2.0","method":"control","id":1}]`), code: -32600},
+		{name: "empty array", frame: []byte(`[]`), code: -32600},
+		{name: "bare string", frame: []byte(`"execute"`), code: -32600},
+		{name: "number", frame: []byte(`42`), code: -32600},
+		{name: "null", frame: []byte(`null`), code: -32600},
+		{name: "true", frame: []byte(`true`), code: -32600},
+		{name: "no method", frame: obj(`"id":5`), code: -32600, id: "5"},
+		{name: "method a number", frame: obj(`"method":1,"id":5`), code: -32600, id: "5"},
+		{name: "method null", frame: obj(`"method":null,"id":5`), code: -32600, id: "5"},
+		{name: "method an object", frame: obj(`"method":{"a":1},"id":5`), code: -32600, id: "5"},
+		{name: "id an object", frame: obj(`"method":"control","id":{"a":1}`), code: -32600},
+		{name: "id an array", frame: obj(`"method":"control","id":[1]`), code: -32600},
+		{name: "id true", frame: obj(`"method":"control","id":true`), code: -32600},
+		{name: "huge id", frame: obj(`"method":"nope","id":` + huge), code: -32601, id: huge},
+		{name: "huge negative id", frame: obj(`"method":"nope","id":-` + huge), code: -32601, id: "-" + huge},
+		{name: "float id", frame: obj(`"method":"nope","id":1.50`), code: -32601, id: "1.50"},
+		{name: "exponent id", frame: obj(`"method":"nope","id":-2.5E+300`), code: -32601, id: "-2.5E+300"},
+		{name: "id beyond float64", frame: obj(`"method":"nope","id":1e999`), code: -32601, id: "1e999"},
+		{name: "string id with escapes", frame: obj(`"method":"nope","id":"<\u2028\"&\ud800>"`), code: -32601, id: `"<\u2028\"&\ud800>"`},
+		{name: "string id of 100,000 bytes", frame: obj(`"method":"nope","id":"` + strings.Repeat("é", 50_000) + `"`), code: -32601, id: `"` + strings.Repeat("é", 50_000) + `"`},
+		{name: "unknown method", frame: obj(`"method":"shutdown","id":7`), code: -32601, id: "7"},
+		{name: "method in the wrong case", frame: obj(`"method":"EXECUTE","id":7`), code: -32601, id: "7"},
+		{name: "params an array", frame: obj(`"method":"execute","params":["echo x"],"id":7`), code: -32602, id: "7"},
+		{name: "params a string", frame: obj(`"method":"execute","params":"echo x","id":7`), code: -32602, id: "7"},
+		{name: "params a number", frame: obj(`"method":"control","params":1,"id":7`), code: -32602, id: "7"},
+		{name: "binary frame", frame: obj(`"method":"execute","params":{"command":"echo x"},"id":7`), binary: true, code: -32600},
+		{name: "nested 10,000 deep", frame: []byte(strings.Repeat("[", 10_000) + strings.Repeat("]", 10_000)), code: -32600},
+		{name: "nested 30,000 deep", frame: []byte(strings.Repeat("[", 30_000) + strings.Repeat("]", 30_000)), code: -32700},
+		{name: "nested deep in params", frame: exec(`{"command":` + strings.Repeat("[", 9_000) + strings.Repeat("]", 9_000) + `}`), code: -32602, id: `"x"`},
+		{name: "nested objects", frame: obj(`"method":"control","params":` + strings.Repeat(`{"a":`, 9_000) + "1" + strings.Repeat("}", 9_000) + `,"id":"x"`), code: -32602, id: `"x"`},
+		// A text frame must hold UTF-8, and so must every frame the server sends (RFC 6455,
+		// section 5.6); the server may answer with a parse error, or decode with U+FFFD.
+		{name: "invalid UTF-8 outside strings", frame: []byte("\xff\xfe"), code: -32700, badUTF8: true},
+		{name: "invalid UTF-8 in the method", frame: []byte("{\"jsonrpc\":\"2.0\",\"method\":\"nop\xffe\"}"), code: -32601, badUTF8: true},
+		{name: "invalid UTF-8 in the command", frame: []byte("{\"jsonrpc\":\"2.0\",\"method\":\"execute\",\"params\":{\"command\":\"\xff\",\"cwd\":\"/nonexistent\xfe\"}}"), code: -32602, badUTF8: true},
+		{name: "invalid UTF-8 in the id", frame: []byte("{\"jsonrpc\":\"2.0\",\"method\":\"nope\",\"id\":\"\xff\xfe\"}"), code: -32601, badUTF8: true},
+		{name: "empty command", frame: exec(`{"command":""}`), code: -32602, id: `"x"`},
+		{name: "no command", frame: exec(`{}`), code: -32602, id: `"x"`},
+		{name: "params null", frame: exec(`null`), code: -32602, id: `"x"`},
+		{name: "command a number", frame: exec(`{"command":5}`), code: -32602, id: `"x"`},
+		{name: "command with NUL", frame: exec(`{"command":"echo \u0000 x"}`), code: -32602, id: `"x"`},
+		{name: "timeout 0", frame: exec(`{"command":"echo x","timeout":0}`), code: -32602, id: `"x"`},
+		{name: "timeout negative", frame: exec(`{"command":"echo x","timeout":-1}`), code: -32602, id: `"x"`},
+		{name: "timeout a string", frame: exec(`{"command":"echo x","timeout":"5"}`), code: -32602, id: `"x"`},
+		{name: "timeout huge", frame: exec(`{"command":"echo x","timeout":1e300}`), code: -32602, id: `"x"`},
+		{name: "cwd a file", frame: exec(`{"command":"echo x","cwd":"/etc/passwd"}`), code: -32602, id: `"x"`},
+		{name: "cwd missing", frame: exec(`{"command":"echo x","cwd":"/nonexistent"}`), code: -32602, id: `"x"`},
+		{name: "cwd a number", frame: exec(`{"command":"echo x","cwd":1}`), code: -32602, id: `"x"`},
+		{name: "env value a number", frame: exec(`{"command":"echo x","env":{"A":1}}`), code: -32602, id: `"x"`},
+		{name: "env value null", frame: exec(`{"command":"echo x","env":{"A":null}}`), code: -32602, id: `"x"`},
+		{name: "env an array", frame: exec(`{"command":"echo x","env":["A=1"]}`), code: -32602, id: `"x"`},
+		{name: "env name with =", frame: exec(`{"command":"echo x","env":{"A=B":"1"}}`), code: -32602, id: `"x"`},
+		{name: "env name empty", frame: exec(`{"command":"echo x","env":{"":"1"}}`), code: -32602, id: `"x"`},
+		{name: "env value with NUL", frame: exec(`{"command":"echo x","env":{"A":"1\u0000"}}`), code: -32602, id: `"x"`},
+		{name: "control type lower case", frame: obj(`"method":"control","params":{"type":"cancel"},"id":"x"`), code: -32602, id: `"x"`},
+		{name: "control with no run", frame: obj(`"method":"control","params":{"type":"CANCEL"},"id":"x"`), code: -32003, id: `"x"`},
+	}
+	c := dial(t, ts.addr)
+	c.connected()
+	check := func(t *testing.T, m msg, code int, id string) {
+		t.Helper()
+		if !utf8.ValidString(m.raw) {
+			t.Errorf("the response is not valid UTF-8, which a text frame must be: %q", trim(m.raw))
+		}
+		if m.Method != "" || m.Error == nil || m.Error.Code != code || string(m.Error.Data) != "null" {
+			t.Errorf("response %q, want error %d with data null", trim(m.raw), code)
+		}
+		if string(m.ID) != id {
+			t.Errorf("response id %q, want %q", trim(string(m.ID)), trim(id))
+		}
+		if id == "" && strings.Contains(m.raw, `"id"`) {
+			t.Errorf("response %q has an id key", trim(m.raw))
+		}
+	}
+	for _, row := range rows {
+		t.Run(row.name, func(t *testing.T) {
+			c.t = t
+			op := byte(0x1)
+			if row.binary {
+				op = 0x2
+			}
+			c.writeFrame(op, row.frame)
+			m := c.next()
+			if row.badUTF8 && m.Error != nil && m.Error.Code == -32700 {
+				check(t, m, -32700, "")
+			} else if row.badUTF8 {
+				check(t, m, row.code, string(m.ID)) // any id, if it is valid UTF-8
+			} else {
+				check(t, m, row.code, row.id)
+			}
+			c.assertWorks()
+		})
+	}
+
+	t.Run("frame over the message limit", func(t *testing.T) {
+		c.t = t
+		c.writeFrame(0x1, obj(`"method":"execute","params":{"command":"echo `+strings.Repeat("x", maxMessage)+`"},"id":"big"`))
+		c.send([]byte(`{"jsonrpc":"2.0","method":"control","params":{"type":"PAUSE"},"id":"next"}`))
+		m := c.next()
+		check(t, m, -32600, "")
+		if m.Error != nil && !strings.Contains(m.Error.Message, "exceeds") {
+			t.Errorf("message %q", m.Error.Message)
+		}
+		check(t, c.next(), -32003, `"next"`) // the frame after it is read as usual
+		c.assertWorks()
+	})
+
+	t.Run("frame at the message limit", func(t *testing.T) {
+		c.t = t
+		frame := exec(`{"command":"echo y","cwd":"/nonexistent` + "/" + `"}`)
+		frame = append(frame[:len(frame)-1], []byte(`,"pad":"`+strings.Repeat("p", maxMessage-len(frame)-9)+`"}`)...)
+		if len(frame) != maxMessage {
+			t.Fatalf("frame of %d bytes", len(frame))
+		}
+		c.writeFrame(0x1, frame)
+		check(t, c.next(), -32602, `"x"`)
+	})
+
+	t.Run("fragmented message", func(t *testing.T) {
+		// The protocol wants one object per frame; a message in two fragments is two bad
+		// frames. Each must be answered with an error, and the session must go on.
+		c.t = t
+		req := []byte(`{"jsonrpc":"2.0","method":"control","params":{"type":"PAUSE"},"id":"frag"}`)
+		c.writeRawFrame(0x1, false, req[:20])
+		c.writeRawFrame(0x0, true, req[20:])
+		c.send([]byte(`{"jsonrpc":"2.0","method":"control","params":{"type":"PAUSE"},"id":"after"}`))
+		var answers int
+		for {
+			m := c.next()
+			if string(m.ID) == `"after"` {
+				check(t, m, -32003, `"after"`)
+				break
+			}
+			if m.Method != "" || m.Error == nil || m.Error.Code != -32700 && m.Error.Code != -32600 && m.Error.Code != -32003 {
+				t.Errorf("answer to a fragment: %q", trim(m.raw))
+			}
+			answers++
+		}
+		if answers == 0 || answers > 2 {
+			t.Errorf("%d answers to a message in 2 frames, want 1 or 2", answers)
+		}
+		c.assertWorks()
+	})
+
+	t.Run("10,000 requests at once, another session streaming", func(t *testing.T) {
+		c.t = t
+		lines := 50_000
+		if testing.Short() {
+			lines = 10_000
+		}
+		// Another session streams meanwhile and must get every line, in order.
+		b := dial(t, ts.addr)
+		b.connected()
+		_, first := b.start(fmt.Sprintf("seq 1 %d", lines), nil)
+		if first != "1\n" {
+			t.Fatalf("first line %q", first)
+		}
+		streamed := make(chan error, 1)
+		go func() { streamed <- readSeq(b, 2, lines) }() // returns at process.completed or a read error
+
+		const n = 10_000
+		var flood []byte
+		for i := range n {
+			flood = append(flood, maskedFrame(0x1, fmt.Appendf(nil, `{"jsonrpc":"2.0","method":"control","params":{"type":"PAUSE"},"id":%d}`, i))...)
+		}
+		wrote := make(chan error, 1)
+		go func() { // returns once the flood is written, or the write fails
+			c.c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			_, err := c.c.Write(flood)
+			wrote <- err
+		}()
+		for i := range n {
+			m, err := c.read()
+			if err != nil {
+				t.Fatalf("response %d: %v", i, err)
+			}
+			if m.Method != "" || string(m.ID) != strconv.Itoa(i) || m.Error == nil || m.Error.Code != -32003 {
+				t.Fatalf("response %d: %q, want the -32003 answer to request %d", i, trim(m.raw), i)
+			}
+		}
+		if err := <-wrote; err != nil {
+			t.Fatalf("writing the flood: %v", err)
+		}
+		if err := <-streamed; err != nil {
+			t.Errorf("the streaming session: %v", err)
+		}
+		c.assertWorks()
+		b.close()
+	})
+
+	t.Run("unmasked frame", func(t *testing.T) {
+		// A client frame without a mask breaks RFC 6455; the server closes with 1002 and
+		// frees the slot, after ending the run.
+		logs := newLogWatch()
+		ts := newTestServer(t, Config{Logger: slog.New(logs), KillGrace: 200 * time.Millisecond})
+		u := dial(t, ts.addr)
+		u.connected()
+		pgid, _ := u.start("echo ready; sleep 300", nil)
+		p := []byte(`{"jsonrpc":"2.0","method":"control","params":{"type":"PAUSE"},"id":1}`)
+		u.c.Write(append([]byte{0x81, byte(len(p))}, p...))
+		for {
+			if _, err := u.read(); err != nil {
+				if err != io.EOF || u.closed.code != 1002 {
+					t.Errorf("after an unmasked frame: %v, close code %d; want close 1002", err, u.closed.code)
+				}
+				break
+			}
+		}
+		logs.wait(t, "session closed", 1, 10*time.Second)
+		assertGroupGone(t, pgid)
+	})
+	c.t = t
+	c.close()
+}
+
+// readSeq reads the rest of a `seq` run on c, lines from to to, then its process.completed,
+// and reports the first discrepancy. It uses only c.read, so that it may run on its own
+// goroutine.
+func readSeq(c *client, from, to int) error {
+	next := from
+	handle := func(m msg) (bool, error) {
+		switch m.Method {
+		case "process.output":
+			if m.Params.Data != strconv.Itoa(next)+"\n" {
+				return true, fmt.Errorf("line %q, want %d", m.Params.Data, next)
+			}
+			next++
+		case "process.completed":
+			if next != to+1 || m.Params.ExitCode == nil || *m.Params.ExitCode != 0 {
+				return true, fmt.Errorf("completed after line %d: %s", next-1, m.raw)
+			}
+			return true, nil
+		}
+		return false, nil
+	}
+	for _, m := range c.backlog {
+		if done, err := handle(m); done {
+			return err
+		}
+	}
+	c.backlog = nil
+	for {
+		m, err := c.read()
+		if err != nil {
+			return fmt.Errorf("after line %d: %v", next-1, err)
+		}
+		if done, err := handle(m); done {
+			return err
+		}
+	}
+}
+
+// trim shortens s for a message.
+func trim(s string) string {
+	if len(s) > 200 {
+		return s[:200] + fmt.Sprintf("...(%d bytes)", len(s))
+	}
+	return s
+}
+
+// maskedFrame encodes one final client frame, masked as a client must.
+func maskedFrame(op byte, payload []byte) []byte {
+	return appendMasked(nil, 0x80|op, payload)
+}
+
+func appendMasked(b []byte, head byte, payload []byte) []byte {
+	b = append(b, head)
+	switch n := len(payload); {
+	case n <= 125:
+		b = append(b, 0x80|byte(n))
+	case n <= 0xffff:
+		b = binary.BigEndian.AppendUint16(append(b, 0x80|126), uint16(n))
+	default:
+		b = binary.BigEndian.AppendUint64(append(b, 0x80|127), uint64(n))
+	}
+	mask := [4]byte{0x5a, 0x17, 0xc3, 0x08}
+	b = append(b, mask[:]...)
+	for i, x := range payload {
+		b = append(b, x^mask[i%4])
+	}
+	return b
+}
+
+// writeRawFrame sends one masked frame with the FIN bit as given, so that a message can be
+// sent in fragments.
+func (c *client) writeRawFrame(op byte, fin bool, payload []byte) {
+	c.t.Helper()
+	head := op
+	if fin {
+		head |= 0x80
+	}
+	c.c.SetWriteDeadline(time.Now().Add(20 * time.Second))
+	if _, err := c.c.Write(appendMasked(nil, head, payload)); err != nil {
+		c.t.Fatalf("write frame: %v", err)
+	}
+}
+
+// TestSlowClient guards against clients that stop reading while their command floods output:
+// the server must not pile the output up in memory, must count such a client gone once a write
+// has waited WriteWait, end its run's group and free its slot, and must not let the buffers of
+// the output it could not send leak into the frames of another session.
+func TestSlowClient(t *testing.T) {
+	const long = "yes $(head -c 60000 /dev/zero | tr '\\0' x)" // lines of 60 kB: fast to pile up
+	rows := []struct {
+		name      string
+		command   string
+		clients   int // at once
+		writeWait time.Duration
+		heap      uint64 // the most the heap in use may grow by
+	}{
+		{"short lines", "yes", 1, 300 * time.Millisecond, 16 << 20},
+		// A second to pile up 60 kB lines: a queue without bound grows by far more than the
+		// limit in that time, even under the race detector.
+		{"long lines", long, 1, time.Second, 16 << 20},
+		// Several at once, so that a buffer given back to the pool twice is seen even under the
+		// race detector, whose pool drops a quarter of what it is given.
+		{"six clients at once", "yes", 6, 300 * time.Millisecond, 48 << 20},
+	}
+	for _, row := range rows {
+		t.Run(row.name, func(t *testing.T) {
+			logs := newLogWatch()
+			ts := newTestServer(t, Config{
+				WriteWait:   row.writeWait,
+				KillGrace:   300 * time.Millisecond,
+				MaxSessions: row.clients,
+				Logger:      slog.New(logs),
+			})
+			runtime.GC()
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			base, peak := ms.HeapInuse, ms.HeapInuse
+			var clients []*client
+			var pgids []int
+			for range row.clients {
+				c := dial(t, ts.addr)
+				c.connected()
+				pgid, _ := c.start(row.command, nil)
+				clients, pgids = append(clients, c), append(pgids, pgid)
+			}
+			// From here on the clients read nothing.
+			tick := time.NewTicker(10 * time.Millisecond)
+			defer tick.Stop()
+			deadline := time.NewTimer(10 * time.Second)
+			defer deadline.Stop()
+			for {
+				n, changed := logs.count("session closed")
+				if n == row.clients {
+					break
+				}
+				select {
+				case <-changed:
+				case <-tick.C:
+					runtime.ReadMemStats(&ms)
+					peak = max(peak, ms.HeapInuse)
+				case <-deadline.C:
+					t.Fatalf("the sessions of clients that read nothing did not end within 10s; log: %q", logs.messages())
+				}
+			}
+			t.Logf("heap in use grew by at most %.1f MB", float64(peak-base)/(1<<20))
+			if peak > base+row.heap {
+				t.Errorf("heap in use grew by %d MB while the clients read nothing, want under %d MB", (peak-base)>>20, row.heap>>20)
+			}
+			for _, cause := range logs.attrs("session closed", "cause") {
+				if cause != errClientGone.Error() {
+					t.Errorf("session closed with cause %q, want %q", cause, errClientGone)
+				}
+			}
+			for _, pgid := range pgids {
+				assertGroupGone(t, pgid)
+			}
+			if n := ts.sessions.len(); n != 0 {
+				t.Errorf("sessions = %d, want 0", n)
+			}
+			// The connections were closed: what the kernel still holds drains, then they end.
+			for _, c := range clients {
+				c.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				if _, err := io.Copy(io.Discard, c.br); errors.Is(err, os.ErrDeadlineExceeded) {
+					t.Errorf("the connection of a slow client is still open")
+				}
+			}
+			// Every frame buffer went back to the server's pool at most once: one given back
+			// twice is later handed to two goroutines, and one session's output can then go
+			// out in another session's frames. (The pool is drained: this holds them all.)
+			seen := map[*[]byte]bool{}
+			for range 1000 {
+				b := ts.bufs.Get().(*[]byte)
+				if seen[b] {
+					t.Errorf("frame buffer %p was given back to the pool twice", b)
+					break
+				}
+				seen[b] = true
+			}
+			// The slots are free again, and sessions work.
+			for range row.clients {
+				d := dial(t, ts.addr)
+				d.connected()
+				d.assertWorks()
+				defer d.close()
+			}
+		})
+	}
+}
+
+// TestKeepAlive guards against losing a long silent run to an idle timeout in a proxy or NAT
+// table, and against holding the slot and the run of a client that vanished without closing.
+func TestKeepAlive(t *testing.T) {
+	t.Run("silent run through an idle-dropping proxy", func(t *testing.T) {
+		rows := []struct {
+			name    string
+			ping    time.Duration
+			dropped bool // the proxy must drop the connection before the run ends
+		}{
+			{"pings keep it open", 100 * time.Millisecond, false},
+			{"without pings it is dropped", time.Minute, true}, // shows that the proxy drops
+		}
+		for _, row := range rows {
+			t.Run(row.name, func(t *testing.T) {
+				ts := newTestServer(t, Config{PingInterval: row.ping, KillGrace: 200 * time.Millisecond})
+				p := newProxy(t, ts.addr, 400*time.Millisecond)
+				c := &pongClient{client: dial(t, p.addr())}
+				c.connected()
+				if r := c.call("execute", map[string]any{"command": "sleep 1; echo done"}); r.Error != nil {
+					t.Fatalf("execute: %s", r.raw)
+				}
+				var out []string
+				for {
+					m, err := c.read()
+					if err != nil {
+						if !row.dropped {
+							t.Fatalf("after output %q and %d pings: %v", out, c.pings, err)
+						}
+						select {
+						case <-p.dropped:
+						default:
+							t.Errorf("connection ended (%v), but not by the proxy", err)
+						}
+						return
+					}
+					if m.Method == "process.output" {
+						out = append(out, m.Params.Data)
+					}
+					if m.Method == "process.completed" {
+						break
+					}
+				}
+				if row.dropped {
+					t.Fatalf("the proxy did not drop the connection: the test shows nothing")
+				}
+				if len(out) != 1 || out[0] != "done\n" || c.pings == 0 {
+					t.Errorf("output %q after %d pings, want done after at least one ping", out, c.pings)
+				}
+				c.assertWorks()
+				c.close()
+			})
+		}
+	})
+
+	t.Run("vanished peer", func(t *testing.T) {
+		rows := []struct {
+			name    string
+			command string // "" for a session with no run
+		}{
+			{"idle session", ""},
+			{"silent run", "echo ready; sleep 300"},
+			// A run that writes a line more often than the ping interval never leaves the
+			// connection silent: the vanished peer must still be noticed.
+			{"trickling run", "echo ready; while :; do echo tick; sleep 0.05; done"},
+		}
+		for _, row := range rows {
+			t.Run(row.name, func(t *testing.T) {
+				t.Parallel()
+				logs := newLogWatch()
+				ts := newTestServer(t, Config{PingInterval: 100 * time.Millisecond, KillGrace: 200 * time.Millisecond, Logger: slog.New(logs)})
+				p := newProxy(t, ts.addr, 0)
+				c := dial(t, p.addr())
+				c.connected()
+				pgid := 0
+				if row.command != "" {
+					pgid, _ = c.start(row.command, nil)
+				}
+				p.blackhole()
+				// 20 ping intervals, plus the kill grace: generous, and bounded.
+				logs.wait(t, "session closed", 1, 2*time.Second+200*time.Millisecond)
+				if pgid != 0 {
+					assertGroupGone(t, pgid)
+				}
+				if n := ts.sessions.len(); n != 0 {
+					t.Errorf("sessions = %d, want 0", n)
+				}
+			})
+		}
+	})
+
+	t.Run("ReadHeaderTimeout", func(t *testing.T) {
+		s := NewServer(Config{Logger: slog.New(slog.DiscardHandler)})
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		hs := &http.Server{Handler: s, ReadHeaderTimeout: 200 * time.Millisecond}
+		served := make(chan error, 1)
+		go func() { served <- hs.Serve(ln) }() // returns once hs is closed
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if err := s.Shutdown(ctx); err != nil {
+				t.Errorf("Shutdown: %v", err)
+			}
+			hs.Close()
+			<-served
+		})
+		addr := ln.Addr().String()
+
+		t.Run("half a request line is dropped", func(t *testing.T) {
+			nc, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer nc.Close()
+			if _, err := nc.Write([]byte("GET /ws/mcp HT")); err != nil {
+				t.Fatal(err)
+			}
+			nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+			got, err := io.ReadAll(nc) // net/http may answer 400 before it hangs up
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("a client that sent half a request line was not dropped within 5s (read %q)", got)
+			}
+			if err != nil && !errors.Is(err, syscall.ECONNRESET) || len(got) > 0 && !bytes.HasPrefix(got, []byte("HTTP/1.1 400 ")) {
+				t.Errorf("read %q, %v; want at most a 400, then the connection closed", got, err)
+			}
+		})
+		t.Run("a session outlives it", func(t *testing.T) {
+			c := dial(t, addr)
+			c.connected()
+			out, done := c.run("sleep 0.5; echo done", nil)
+			if len(out) != 1 || out[0].Data != "done\n" || done.Status != "completed" {
+				t.Errorf("output %+v, completed %+v", out, done)
+			}
+			c.close()
+		})
+	})
+}
+
+// pongClient is a client that answers every Ping with a Pong, as WebSocket libraries do on
+// their own; client.read skips Pings without answering them.
+type pongClient struct {
+	*client
+	pings int // Pings answered
+}
+
+// read is client.read, answering Pings.
+func (c *pongClient) read() (msg, error) {
+	for {
+		op, p, err := c.readFrame()
+		switch {
+		case err != nil:
+			return msg{}, err
+		case op == 0x8:
+			if len(p) >= 2 {
+				c.closed.code, c.closed.reason = int(binary.BigEndian.Uint16(p)), string(p[2:])
+			}
+			return msg{}, io.EOF
+		case op == 0x9:
+			c.pings++
+			c.c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			if _, err := c.c.Write(maskedFrame(0xa, p)); err != nil {
+				return msg{}, err
+			}
+			continue
+		case op == 0xa:
+			continue
+		}
+		m := msg{raw: string(p)}
+		if err := json.Unmarshal(p, &m); err != nil {
+			return msg{}, fmt.Errorf("frame %q: %v", p, err)
+		}
+		return m, nil
+	}
+}
+
+// proxy forwards one TCP connection between a client and target, on 127.0.0.1. With idle > 0
+// it drops the connection once no byte has passed in either direction for idle, as a NAT table
+// or a proxy with an idle timeout does; blackhole makes it stop forwarding in both directions
+// while keeping both sockets open, as a peer that vanished without a FIN or a reset looks.
+type proxy struct {
+	ln      net.Listener
+	target  string
+	idle    time.Duration
+	last    atomic.Int64  // when a byte last passed, in Unix nanoseconds
+	hole    chan struct{} // closed by blackhole
+	dropped chan struct{} // closed when the idle timeout dropped the connection
+	done    chan struct{} // closed when the test ends
+	wg      sync.WaitGroup
+
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func newProxy(t *testing.T, target string, idle time.Duration) *proxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &proxy{ln: ln, target: target, idle: idle, hole: make(chan struct{}), dropped: make(chan struct{}), done: make(chan struct{})}
+	p.wg.Go(p.accept) // returns once the listener is closed
+	t.Cleanup(func() {
+		close(p.done)
+		ln.Close()
+		p.closeAll()
+		p.wg.Wait()
+	})
+	return p
+}
+
+func (p *proxy) addr() string { return p.ln.Addr().String() }
+
+func (p *proxy) blackhole() { close(p.hole) }
+
+func (p *proxy) closeAll() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+}
+
+// accept forwards the first connection and closes the listener.
+func (p *proxy) accept() {
+	in, err := p.ln.Accept()
+	p.ln.Close()
+	if err != nil {
+		return
+	}
+	out, err := net.Dial("tcp", p.target)
+	if err != nil {
+		in.Close()
+		return
+	}
+	p.mu.Lock()
+	p.conns = append(p.conns, in, out)
+	p.mu.Unlock()
+	p.last.Store(time.Now().UnixNano())
+	p.wg.Go(func() { p.forward(out, in) }) // returns when either side is closed, or at the end of the test once blackholed
+	p.wg.Go(func() { p.forward(in, out) }) // likewise
+	if p.idle > 0 {
+		p.wg.Go(p.watchIdle) // returns once it dropped the connection, or at the end of the test
+	}
+}
+
+// forward copies src to dst until either fails; once blackholed it drops what it read and
+// stops reading until the test ends.
+func (p *proxy) forward(dst, src net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		select {
+		case <-p.hole:
+			<-p.done
+			return
+		default:
+		}
+		if n > 0 {
+			p.last.Store(time.Now().UnixNano())
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				err = werr
+			}
+		}
+		if err != nil {
+			src.Close()
+			dst.Close()
+			return
+		}
+	}
+}
+
+func (p *proxy) watchIdle() {
+	tick := time.NewTicker(p.idle / 8)
+	defer tick.Stop()
+	for {
+		select {
+		case <-p.done:
+			return
+		case now := <-tick.C:
+			if now.Sub(time.Unix(0, p.last.Load())) >= p.idle {
+				close(p.dropped)
+				p.closeAll()
+				return
+			}
+		}
+	}
+}
+
+// logWatch is a slog.Handler that keeps what a Server logs, so that a test can wait for an
+// event such as "session closed" instead of sleeping or polling.
+type logWatch struct {
+	mu      sync.Mutex
+	recs    []slog.Record
+	changed chan struct{} // closed and replaced at every record
+}
+
+func newLogWatch() *logWatch { return &logWatch{changed: make(chan struct{})} }
+
+func (w *logWatch) Enabled(context.Context, slog.Level) bool { return true }
+func (w *logWatch) WithAttrs([]slog.Attr) slog.Handler       { return w }
+func (w *logWatch) WithGroup(string) slog.Handler            { return w }
+
+func (w *logWatch) Handle(_ context.Context, r slog.Record) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.recs = append(w.recs, r.Clone())
+	close(w.changed)
+	w.changed = make(chan struct{})
+	return nil
+}
+
+// count returns how many times msg was logged, and a channel closed at the next record.
+func (w *logWatch) count(msg string) (int, <-chan struct{}) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	n := 0
+	for _, r := range w.recs {
+		if r.Message == msg {
+			n++
+		}
+	}
+	return n, w.changed
+}
+
+// wait waits until msg has been logged n times, and fails the test if that takes longer than d.
+func (w *logWatch) wait(t *testing.T, msg string, n int, d time.Duration) {
+	t.Helper()
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	for {
+		got, changed := w.count(msg)
+		if got >= n {
+			return
+		}
+		select {
+		case <-changed:
+		case <-timer.C:
+			t.Fatalf("%q was not logged %d times within %v; log: %q", msg, n, d, w.messages())
+		}
+	}
+}
+
+// messages returns what was logged, a string per record.
+func (w *logWatch) messages() []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var out []string
+	for _, r := range w.recs {
+		var b strings.Builder
+		b.WriteString(r.Message)
+		r.Attrs(func(a slog.Attr) bool {
+			if a.Key != "session" {
+				fmt.Fprintf(&b, " %s=%v", a.Key, a.Value)
+			}
+			return true
+		})
+		out = append(out, b.String())
+	}
+	return out
+}
+
+// attrs returns the attribute key of every record msg, as text.
+func (w *logWatch) attrs(msg, key string) []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var vals []string
+	for _, r := range w.recs {
+		if r.Message == msg {
+			r.Attrs(func(a slog.Attr) bool {
+				if a.Key == key {
+					vals = append(vals, fmt.Sprint(a.Value.Any()))
+				}
+				return true
+			})
+		}
+	}
+	return vals
+}
