@@ -239,6 +239,15 @@ func TestShutdownSignal(t *testing.T) {
 		t.Run(row.name, func(t *testing.T) {
 			t.Parallel()
 			s := startServe(t, serveEnv(), "--addr", "127.0.0.1:0", "--kill-grace", grace.String())
+			if row.idle {
+				// Connected before the session, so that the server has accepted it once the
+				// session is upgraded: it accepts in order.
+				nc, err := net.Dial("tcp", s.addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { nc.Close() })
+			}
 			c := rawDial(t, s.addr)
 			c.send(`{"jsonrpc":"2.0","method":"execute","params":{"command":"trap '' TERM; echo ready; sleep 300"},"id":1}`)
 			r := c.next()
@@ -251,13 +260,6 @@ func TestShutdownSignal(t *testing.T) {
 				if m.Method == "process.completed" {
 					t.Fatalf("the command ended before it was ready: %s", m.raw)
 				}
-			}
-			if row.idle {
-				nc, err := net.Dial("tcp", s.addr)
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { nc.Close() })
 			}
 
 			signaled := time.Now()
