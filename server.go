@@ -52,6 +52,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/binary"
 	"encoding/json"
@@ -168,7 +169,20 @@ func orDefault[T int | time.Duration](v *T, def T) {
 }
 
 // ServeHTTP implements http.Handler.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !hostAllowed(r) {
+		http.Error(w, "forbidden: host is not a loopback name", http.StatusForbidden)
+		return
+	}
+	s.mux.ServeHTTP(w, r)
+}
+
+// hostAllowed reports whether r may be served: on a loopback listener, only requests for a
+// loopback name are, so that a web page whose name was rebound to 127.0.0.1 cannot reach it.
+func hostAllowed(r *http.Request) bool {
+	local, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	return !ok || !isLoopback(hostOf(local.String())) || isLoopback(hostOf(r.Host))
+}
 
 // Shutdown stops admitting sessions, ends every run with the cause "server shutting down",
 // sends each client its process.completed and a close frame with status 1001, and waits for
@@ -218,10 +232,8 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 
 // checkAccess applies the protocol's access rules to a handshake. It returns 0 to let it through,
 // or the HTTP status and message to refuse it with.
+// The Host check is in ServeHTTP, for every path.
 func (s *Server) checkAccess(r *http.Request) (int, string) {
-	if local, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok && isLoopback(hostOf(local.String())) && !isLoopback(hostOf(r.Host)) {
-		return http.StatusForbidden, "forbidden: host is not a loopback name"
-	}
 	if origin := r.Header.Get("Origin"); origin != "" && !s.originAllowed(origin, r.Host) {
 		return http.StatusForbidden, "forbidden: origin not allowed"
 	}
@@ -249,13 +261,15 @@ func (s *Server) originAllowed(origin, host string) bool {
 	return false
 }
 
-// tokenMatches reports, in time independent of the token, whether r presents token.
+// tokenMatches reports, in time independent of the token and of its length, whether r
+// presents token.
 func tokenMatches(r *http.Request, token string) bool {
-	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if !ok {
-		got = r.URL.Query().Get("token")
+	got := r.URL.Query().Get("token")
+	if scheme, t, ok := strings.Cut(r.Header.Get("Authorization"), " "); ok && strings.EqualFold(scheme, "Bearer") {
+		got = t
 	}
-	return subtle.ConstantTimeCompare([]byte(got), []byte(token)) == 1
+	a, b := sha256.Sum256([]byte(got)), sha256.Sum256([]byte(token))
+	return subtle.ConstantTimeCompare(a[:], b[:]) == 1
 }
 
 // hostOf returns the host of a host[:port], without brackets.
@@ -401,18 +415,21 @@ func (c *conn) abort() {
 	c.Conn.SetWriteDeadline(time.Now())
 }
 
-// writeLoop writes the frames queued on out, several at a time when several are queued, and a
-// Ping after PingInterval without a write. It returns once out is closed and drained, or when
-// the client is gone: a write failed, or the client sent nothing, not even a Pong, in the
-// PingInterval after a Ping.
+// writeLoop writes the frames queued on out, several at a time when several are queued. Every
+// PingInterval it sends a Ping, unless frames passed both ways meanwhile: so a silent connection
+// stays open through proxies, and a client that vanished is noticed even while output flows.
+// It returns once out is closed and drained, or when the client is gone: a write failed, or
+// the client sent nothing, not even a Pong, in the PingInterval after a Ping.
 func (s *session) writeLoop() {
 	defer close(s.flushed)
-	ping := time.NewTimer(s.srv.cfg.PingInterval)
-	defer ping.Stop()
+	tick := time.NewTicker(s.srv.cfg.PingInterval)
+	defer tick.Stop()
 	var (
 		batch  []*[]byte
 		bufs   net.Buffers
-		pinged time.Time // when the Ping that awaits an answer was sent, or zero
+		wrote  bool         // a frame was written since the last tick
+		last   = time.Now() // the last tick
+		pinged time.Time    // when the Ping that awaits an answer was sent, or zero
 	)
 	for {
 		select {
@@ -445,18 +462,23 @@ func (s *session) writeLoop() {
 				close(s.failed)
 				return
 			}
-		case <-ping.C:
+			wrote = true
+		case now := <-tick.C:
 			if !pinged.IsZero() && !s.conn.readSince(pinged) {
 				close(s.failed)
 				return
 			}
-			pinged = time.Now()
+			busy := wrote && s.conn.readSince(last)
+			wrote, last, pinged = false, now, time.Time{}
+			if busy {
+				continue
+			}
+			pinged = now
 			if _, err := s.conn.Write(appendFrame(nil, opPing, nil)); err != nil {
 				close(s.failed)
 				return
 			}
 		}
-		ping.Reset(s.srv.cfg.PingInterval)
 	}
 }
 
@@ -681,6 +703,10 @@ func (s *session) handle(f inFrame) {
 // parseRequest splits a request frame into its id, method and params. The id is returned as
 // sent when it is a string or a number, so that errors about the rest can still carry it.
 func parseRequest(data []byte) (id json.RawMessage, method string, params json.RawMessage, rerr *rpcError) {
+	if !utf8.Valid(data) {
+		// JSON is UTF-8 (RFC 8259), as every text frame must be, our answers included.
+		return nil, "", nil, &rpcError{codeParse, "Parse error"}
+	}
 	var fields map[string]json.RawMessage
 	if err := json.Unmarshal(data, &fields); err != nil {
 		if !json.Valid(data) {
@@ -746,7 +772,9 @@ func (s *Server) parseExecute(params json.RawMessage) (execRequest, *rpcError) {
 		if json.Unmarshal(raw, &secs) != nil || secs <= 0 || secs > math.MaxInt64/float64(time.Second) {
 			return execRequest{}, invalidParams("timeout must be a positive number of seconds")
 		}
-		req.timeout = time.Duration(secs * float64(time.Second))
+		if req.timeout = time.Duration(secs * float64(time.Second)); req.timeout <= 0 {
+			return execRequest{}, invalidParams("timeout must be a positive number of seconds")
+		}
 	}
 	if raw := m["cwd"]; len(raw) > 0 && string(raw) != "null" {
 		if json.Unmarshal(raw, &req.cmd.dir) != nil {

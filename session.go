@@ -183,7 +183,7 @@ func (s *session) readLoop() {
 }
 
 // send queues frame b for the writer. It drops b when the writer has failed, since then the
-// session is ending, and reports whether b was queued.
+// session is ending, and reports whether b was queued. Either way b is no longer the caller's.
 func (s *session) send(b *[]byte) bool {
 	select {
 	case s.out <- b:
@@ -256,10 +256,11 @@ func (s *session) pump(stream string, f *os.File) error {
 		if more && len(*b) < maxBatch {
 			return nil
 		}
-		if !s.send(b) {
+		ok := s.send(b) // b is the writer's now, or back in the pool
+		b = s.srv.getBuf()
+		if !ok {
 			return errClientGone
 		}
-		b = s.srv.getBuf()
 		return nil
 	})
 	s.srv.putBuf(b)
