@@ -96,6 +96,11 @@ func serve(args []string) int {
 		}
 		return 2
 	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "ccexecutor: unexpected argument %q: the flags after it would be ignored\n", fs.Arg(0))
+		return 2
+	}
+	os.Unsetenv("CC_EXECUTOR_TOKEN") // commands inherit the server's environment; not the token
 	if err := check(&cfg, *addr, *insecure, *level); err != nil {
 		fmt.Fprintf(os.Stderr, "ccexecutor: %v\n", err)
 		return 2
@@ -129,7 +134,14 @@ func serve(args []string) int {
 	cfg.Logger.Info("shutting down")
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.KillGrace+time.Second)
 	defer cancel()
-	err = errors.Join(hs.Shutdown(sctx), srv.Shutdown(sctx))
+	// The sessions hold the runs: end them at once, with the whole budget. Meanwhile
+	// hs.Shutdown closes the listener, but it would wait for a connection that has not sent a
+	// whole request; once the sessions are over, hs.Close drops those.
+	httpDone := make(chan error, 1)
+	go func() { httpDone <- hs.Shutdown(sctx) }() // returns once no request is in flight, or when sctx ends
+	err = srv.Shutdown(sctx)
+	hs.Close()
+	<-httpDone
 	<-served
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "ccexecutor: shutdown: %v\n", err)
