@@ -39,12 +39,17 @@
 //
 // Each session owns these goroutines, joined by its WaitGroup before its slot is freed:
 // serve, the handler's goroutine, which answers requests in order and owns the session's state;
-// readLoop, which exits when a read fails (the client left, or serve closed the connection);
-// writeLoop, the only writer of data frames, which exits when serve closes its queue or a write
-// fails (every write has a deadline); and, while a command runs, runToEnd, which exits once the
-// process group is reaped, with its three: process.wait and one pump per output stream, which
-// exit at end of file or at the read deadline set once the group is gone. The x/net/websocket
-// reader may also write, to answer a client's Ping; the connection's lock orders those writes.
+// readLoop, which exits when a read fails (the client left, or serve set a read deadline in the
+// past); writeLoop, the only writer of data frames, which exits when serve closes its queue, a
+// write fails (every write has a deadline, WriteWait) or a Ping goes unanswered; and, while a
+// command runs, runToEnd, which exits once the process group is reaped, with its three:
+// process.wait and one pump per output stream, which exit at end of file or at the read
+// deadline set once the group is gone. The x/net/websocket reader may also write, to answer a
+// client's Ping; the connection's own lock (conn.mu, which guards nothing but the order of
+// writes) keeps those writes whole.
+//
+// A session frees its slot only after all of them have returned, and closes the connection
+// after that, so a client that sees the connection close may connect again at once.
 package ccexecutor
 
 import (
