@@ -62,6 +62,8 @@ func start(c command) (*process, error) {
 		outW.Close()
 		return nil, fmt.Errorf("stderr pipe: %w", err)
 	}
+	growPipe(outR)
+	growPipe(errR)
 	cmd := exec.Command(c.args[0], c.args[1:]...)
 	cmd.Dir, cmd.Env = c.dir, c.env
 	// *os.File writers go to the child as they are: no copying goroutine, and Wait leaves the
@@ -84,6 +86,15 @@ func start(c command) (*process, error) {
 		leader: make(chan struct{}),
 		empty:  make(chan struct{}),
 	}, nil
+}
+
+// growPipe asks for a 1 MiB pipe buffer (F_SETPIPE_SZ), so that a fast writer blocks less
+// often; the kernel allocates the pages only as the pipe fills. Failing is harmless.
+func growPipe(f *os.File) {
+	const fSetPipeSz = 1031
+	if rc, err := f.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) { syscall.Syscall(syscall.SYS_FCNTL, fd, fSetPipeSz, 1<<20) })
+	}
 }
 
 // wait reaps the leader, then every member of its group that is a child of this process (see

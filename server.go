@@ -97,7 +97,10 @@ const (
 
 // maxBatch is the size at which a stream's pending frames are handed to the writer even though
 // more lines are ready.
-const maxBatch = 64 << 10
+const maxBatch = 32 << 10
+
+// queueLen is how many batches may wait for a session's writer.
+const queueLen = 8
 
 // Config configures a Server. A zero field takes its default.
 type Config struct {
@@ -129,7 +132,6 @@ type Server struct {
 	log     *slog.Logger
 	mux     *http.ServeMux
 	started time.Time
-	bufs    sync.Pool // *[]byte frame buffers, so that steady streaming does not allocate
 
 	ctx    context.Context         // the parent of every session's context
 	cancel context.CancelCauseFunc // Shutdown cancels ctx with errShutdown
@@ -154,7 +156,6 @@ func NewServer(cfg Config) *Server {
 		log:      cfg.Logger,
 		mux:      http.NewServeMux(),
 		started:  time.Now(),
-		bufs:     sync.Pool{New: func() any { return new([]byte) }},
 		sessions: registry{max: cfg.MaxSessions, sessions: map[*session]struct{}{}, drained: make(chan struct{})},
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
@@ -302,7 +303,7 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 		ws:      ws,
 		conn:    c,
 		in:      make(chan inFrame),
-		out:     make(chan *[]byte, 16),
+		out:     make(chan *batch, queueLen),
 		failed:  make(chan struct{}),
 		ended:   make(chan runResult, 1),
 		flushed: make(chan struct{}),
@@ -430,7 +431,7 @@ func (s *session) writeLoop() {
 	tick := time.NewTicker(s.srv.cfg.PingInterval)
 	defer tick.Stop()
 	var (
-		batch  []*[]byte
+		queued []*batch
 		bufs   net.Buffers
 		wrote  bool         // a frame was written since the last tick
 		last   = time.Now() // the last tick
@@ -442,26 +443,29 @@ func (s *session) writeLoop() {
 			if !ok {
 				return
 			}
-			batch = append(batch[:0], b)
+			queued = append(queued[:0], b)
 		drain:
-			for len(batch) < cap(s.out) {
+			for len(queued) < queueLen {
 				select {
 				case b, ok := <-s.out:
 					if !ok {
 						break drain
 					}
-					batch = append(batch, b)
+					queued = append(queued, b)
 				default:
 					break drain
 				}
 			}
 			bufs = bufs[:0]
-			for _, b := range batch {
-				bufs = append(bufs, *b)
+			for _, b := range queued {
+				bufs = append(bufs, b.frames)
 			}
 			err := s.conn.writeBuffers(&bufs)
-			for _, b := range batch {
-				s.srv.putBuf(b)
+			for i, b := range queued {
+				if b.free != nil {
+					b.free <- b // never blocks: it has room for every batch of its pump
+				}
+				queued[i] = nil
 			}
 			if err != nil {
 				close(s.failed)
@@ -487,12 +491,11 @@ func (s *session) writeLoop() {
 	}
 }
 
-func (s *Server) getBuf() *[]byte { b := s.bufs.Get().(*[]byte); *b = (*b)[:0]; return b }
-
-func (s *Server) putBuf(b *[]byte) {
-	if cap(*b) <= 4*maxBatch { // let the odd huge frame go to the collector
-		s.bufs.Put(b)
-	}
+// A batch is one or more encoded frames for the writer. A pump's batches go back to it, on
+// free, once written; other batches (responses, notifications) are written once and dropped.
+type batch struct {
+	frames []byte
+	free   chan<- *batch // nil for a batch that is not reused
 }
 
 // WebSocket opcodes of the frames the server writes.
@@ -521,10 +524,9 @@ func closePayload(code uint16, reason string) []byte {
 	return append(binary.BigEndian.AppendUint16(nil, code), reason...)
 }
 
-// closeFrame is a close frame as a queued frame.
-func closeFrame(code uint16, reason string) *[]byte {
-	b := appendFrame(nil, opClose, closePayload(code, reason))
-	return &b
+// closeFrame is a close frame as a batch.
+func closeFrame(code uint16, reason string) *batch {
+	return &batch{frames: appendFrame(nil, opClose, closePayload(code, reason))}
 }
 
 // appendOutput appends the JSON of a process.output notification.
@@ -547,12 +549,24 @@ func appendString(b []byte, s []byte) []byte {
 	const hex = "0123456789abcdef"
 	b = append(b, '"')
 	start := 0 // s[start:i] is still to be copied
+	plain := 0 // how many plain ASCII bytes come right before s[i]
 	for i := 0; i < len(s); {
+		if plain >= 8 {
+			// In a run of plain ASCII, as most output is: go eight bytes at a time.
+			for i+8 <= len(s) && !needsEscape(binary.LittleEndian.Uint64(s[i:])) {
+				i += 8
+			}
+			if plain = 0; i == len(s) {
+				break
+			}
+		}
 		c := s[i]
 		if c >= 0x20 && c != '"' && c != '\\' && c < utf8.RuneSelf {
 			i++
+			plain++
 			continue
 		}
+		plain = 0
 		if c >= utf8.RuneSelf {
 			r, size := utf8.DecodeRune(s[i:])
 			if r != utf8.RuneError || size != 1 {
@@ -582,6 +596,15 @@ func appendString(b []byte, s []byte) []byte {
 	}
 	b = append(b, s[start:]...)
 	return append(b, '"')
+}
+
+// needsEscape reports whether any of the eight bytes in w is a control character, '"', '\\'
+// or not ASCII: the bytes appendString cannot copy as they are. It tests all eight at once
+// with the "has a zero byte" trick of bit manipulation, applied to w^'"' and w^'\\'.
+func needsEscape(w uint64) bool {
+	const lo, hi = 0x0101010101010101, 0x8080808080808080
+	q, bs := w^(lo*'"'), w^(lo*'\\')
+	return ((w-lo*0x20)&^w|(q-lo)&^q|(bs-lo)&^bs|w)&hi != 0
 }
 
 // JSON-RPC error codes.
@@ -620,17 +643,16 @@ func marshal(v any) ([]byte, error) {
 	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
 }
 
-// textFrame encodes v as a queued text frame.
-func textFrame(v any) *[]byte {
+// textFrame encodes v as a text frame in a batch of its own.
+func textFrame(v any) *batch {
 	p, err := marshal(v)
 	if err != nil {
 		panic("ccexecutor: encoding a message: " + err.Error()) // only our own types get here
 	}
-	b := appendFrame(nil, opText, p)
-	return &b
+	return &batch{frames: appendFrame(nil, opText, p)}
 }
 
-func response(id json.RawMessage, result any) *[]byte {
+func response(id json.RawMessage, result any) *batch {
 	return textFrame(struct {
 		JSONRPC string          `json:"jsonrpc"`
 		Result  any             `json:"result"`
@@ -638,7 +660,7 @@ func response(id json.RawMessage, result any) *[]byte {
 	}{"2.0", result, id})
 }
 
-func errorResponse(id json.RawMessage, e *rpcError) *[]byte {
+func errorResponse(id json.RawMessage, e *rpcError) *batch {
 	return textFrame(struct {
 		JSONRPC string          `json:"jsonrpc"`
 		Error   *rpcError       `json:"error"`
@@ -646,7 +668,7 @@ func errorResponse(id json.RawMessage, e *rpcError) *[]byte {
 	}{"2.0", e, id})
 }
 
-func notification(method string, params any) *[]byte {
+func notification(method string, params any) *batch {
 	return textFrame(struct {
 		JSONRPC string `json:"jsonrpc"`
 		Method  string `json:"method"`
@@ -655,7 +677,7 @@ func notification(method string, params any) *[]byte {
 }
 
 // processEvent is a process.* notification; exit and cause are null when nil.
-func processEvent(method, status string, pid int, exit *int, cause *string) *[]byte {
+func processEvent(method, status string, pid int, exit *int, cause *string) *batch {
 	return notification(method, struct {
 		Status   string  `json:"status"`
 		PID      int     `json:"pid"`

@@ -97,7 +97,7 @@ type session struct {
 	cancel context.CancelCauseFunc // ends ctx with the reason the session ends
 
 	in      chan inFrame                  // frames received, for serve; closed when readLoop returns
-	out     chan *[]byte                  // encoded frames, for writeLoop; closed by serve when it is done
+	out     chan *batch                   // encoded frames, for writeLoop; closed by serve when it is done
 	failed  chan struct{}                 // closed by writeLoop when a write fails: the client is gone
 	flushed chan struct{}                 // closed when writeLoop returns
 	ended   chan runResult                // a finished run's result, from runToEnd to serve
@@ -182,14 +182,13 @@ func (s *session) readLoop() {
 	}
 }
 
-// send queues frame b for the writer. It drops b when the writer has failed, since then the
-// session is ending, and reports whether b was queued. Either way b is no longer the caller's.
-func (s *session) send(b *[]byte) bool {
+// send queues b for the writer. It drops b when the writer has failed, since then the session
+// is ending, and reports whether b was queued.
+func (s *session) send(b *batch) bool {
 	select {
 	case s.out <- b:
 		return true
 	case <-s.failed:
-		s.srv.putBuf(b)
 		return false
 	}
 }
@@ -246,24 +245,32 @@ func (s *session) runToEnd(ctx context.Context, r *run, timeout time.Duration) r
 }
 
 // pump sends the lines of one of the run's output streams as process.output notifications,
-// batching the frames of lines that are read together into one write.
+// batching the frames of lines that are read together into one write. It owns two batches: it
+// fills one while the writer writes the other, which the writer then hands back. So a stream
+// never holds more than two batches, however slow the client, and the process waits on its
+// pipe meanwhile: that is the backpressure.
 func (s *session) pump(stream string, f *os.File) error {
-	b := s.srv.getBuf()
+	free := make(chan *batch, 2)
+	free <- &batch{free: free}
+	b := &batch{free: free}
 	var scratch []byte
 	err := readLines(f, s.srv.cfg.MaxLineBytes, func(line []byte, dropped int, more bool) error {
 		scratch = appendOutput(scratch[:0], stream, line, dropped)
-		*b = appendFrame(*b, opText, scratch)
-		if more && len(*b) < maxBatch {
+		b.frames = appendFrame(b.frames, opText, scratch)
+		if more && len(b.frames) < maxBatch {
 			return nil
 		}
-		ok := s.send(b) // b is the writer's now, or back in the pool
-		b = s.srv.getBuf()
-		if !ok {
+		if !s.send(b) {
 			return errClientGone
 		}
-		return nil
+		select {
+		case b = <-free: // the other batch, written
+			b.frames = b.frames[:0]
+			return nil
+		case <-s.failed:
+			return errClientGone
+		}
 	})
-	s.srv.putBuf(b)
 	switch {
 	case err == nil || err == errClientGone:
 		return nil
