@@ -35,7 +35,10 @@
 //
 // The only mutex that spans sessions is registry.mu: it guards the session map and the closing
 // flag, and is held for map and counter work only, never across I/O. Everything else is owned
-// by one goroutine at a time and handed over on channels.
+// by one goroutine at a time and handed over on channels. Output is handed over in batches of
+// frames: each pump owns two, fills one while the writer writes the other and gets it back
+// once written, so a slow client slows the process through its pipe and pins at most two
+// batches per stream.
 //
 // Each session owns these goroutines, joined by its WaitGroup before its slot is freed:
 // serve, the handler's goroutine, which answers requests in order and owns the session's state;
