@@ -20,6 +20,10 @@ const prSetChildSubreaper = 36
 // not reap. It affects the whole process, so the package never calls it by itself; the
 // ccexecutor binary calls it at start. Without it a run still ends its whole group but reaps only
 // the group's leader, and a member that outlived its parent gets SIGKILL without a grace period.
+//
+// Its limit: a process that leaves the run's group (setsid, setpgid) escapes the group's signals,
+// and if it outlives its parent it becomes a child of this process that no run reaps, a zombie
+// once it exits. Without a subreaper it would be init's, which may not reap it either.
 func SetSubreaper() error {
 	_, _, errno := syscall.RawSyscall(syscall.SYS_PRCTL, prSetChildSubreaper, 1, 0)
 	if errno != 0 {

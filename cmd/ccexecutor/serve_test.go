@@ -75,8 +75,9 @@ func startServe(t *testing.T, env []string, args ...string) *serveProc {
 	})
 	select {
 	case line := <-first:
-		addr, ok := strings.CutPrefix(strings.TrimSuffix(line, "\n"), "ccexecutor listening on ws://")
-		if addr, ok = strings.CutSuffix(addr, "/ws/mcp"); !ok {
+		addr, hasPrefix := strings.CutPrefix(strings.TrimSuffix(line, "\n"), "ccexecutor listening on ws://")
+		addr, hasSuffix := strings.CutSuffix(addr, "/ws/mcp")
+		if !hasPrefix || !hasSuffix {
 			<-s.exited
 			t.Fatalf("first line %q, want the listening line; stderr:\n%s", line, &s.stderr)
 		}
