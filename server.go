@@ -463,7 +463,8 @@ func (s *session) writeLoop() {
 			for _, b := range queued {
 				bufs = append(bufs, b.frames)
 			}
-			err := s.conn.writeBuffers(&bufs)
+			w := bufs // WriteTo consumes what it writes; bufs keeps its array for the next round
+			err := s.conn.writeBuffers(&w)
 			for i, b := range queued {
 				if b.free != nil {
 					b.free <- b // never blocks: it has room for every batch of its pump
