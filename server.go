@@ -72,8 +72,6 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
-	"os"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -776,77 +774,4 @@ func paramsObject(params json.RawMessage) (map[string]json.RawMessage, *rpcError
 
 func invalidParams(msg string) *rpcError {
 	return &rpcError{codeInvalidParams, "Invalid params: " + msg}
-}
-
-// execRequest is a checked execute request.
-type execRequest struct {
-	cmd     command
-	timeout time.Duration
-	line    string // the command as the client sent it
-}
-
-// parseExecute checks the params of execute and turns them into what to run.
-func (s *Server) parseExecute(params json.RawMessage) (execRequest, *rpcError) {
-	m, rerr := paramsObject(params)
-	if rerr != nil {
-		return execRequest{}, rerr
-	}
-	req := execRequest{timeout: s.cfg.StreamTimeout}
-	if json.Unmarshal(m["command"], &req.line) != nil || strings.TrimSpace(req.line) == "" {
-		return execRequest{}, invalidParams("command must be a non-empty string")
-	}
-	if strings.IndexByte(req.line, 0) >= 0 {
-		return execRequest{}, invalidParams("command must not contain NUL")
-	}
-	if raw := m["timeout"]; len(raw) > 0 && string(raw) != "null" {
-		var secs float64
-		if json.Unmarshal(raw, &secs) != nil || secs <= 0 || secs > math.MaxInt64/float64(time.Second) {
-			return execRequest{}, invalidParams("timeout must be a positive number of seconds")
-		}
-		if req.timeout = time.Duration(secs * float64(time.Second)); req.timeout <= 0 {
-			return execRequest{}, invalidParams("timeout must be a positive number of seconds")
-		}
-	}
-	if raw := m["cwd"]; len(raw) > 0 && string(raw) != "null" {
-		if json.Unmarshal(raw, &req.cmd.dir) != nil {
-			return execRequest{}, invalidParams("cwd must be a string")
-		}
-		if fi, err := os.Stat(req.cmd.dir); err != nil || !fi.IsDir() {
-			return execRequest{}, invalidParams(fmt.Sprintf("cwd %q is not a directory", req.cmd.dir))
-		}
-	}
-	req.cmd.env = os.Environ()
-	if raw := m["env"]; len(raw) > 0 && string(raw) != "null" {
-		var env map[string]json.RawMessage
-		if json.Unmarshal(raw, &env) != nil || raw[0] != '{' {
-			return execRequest{}, invalidParams("env must be an object of strings")
-		}
-		for k, raw := range env {
-			var v string
-			if json.Unmarshal(raw, &v) != nil || raw[0] != '"' {
-				return execRequest{}, invalidParams(fmt.Sprintf("env value of %q must be a string", k))
-			}
-			if k == "" || strings.ContainsAny(k, "=\x00") || strings.IndexByte(v, 0) >= 0 {
-				return execRequest{}, invalidParams(fmt.Sprintf("env entry %q is not a valid variable", k))
-			}
-			if len(s.cfg.AllowedCommands) > 0 && strings.HasPrefix(k, "LD_") {
-				return execRequest{}, invalidParams(fmt.Sprintf("env %q may not be set when commands are restricted", k))
-			}
-			req.cmd.env = append(req.cmd.env, k+"="+v) // later entries win in os/exec
-		}
-	}
-	if len(s.cfg.AllowedCommands) == 0 {
-		req.cmd.args = []string{"/bin/sh", "-c", req.line}
-		return req, nil
-	}
-	words, err := splitWords(req.line)
-	if err != nil {
-		name, _, _ := strings.Cut(strings.TrimSpace(req.line), " ")
-		return execRequest{}, &rpcError{codeNotAllowed, fmt.Sprintf("Command '%s' is not allowed: %v", name, err)}
-	}
-	if !slices.Contains(s.cfg.AllowedCommands, words[0]) {
-		return execRequest{}, &rpcError{codeNotAllowed, fmt.Sprintf("Command '%s' is not allowed", words[0])}
-	}
-	req.cmd.args = words
-	return req, nil
 }
