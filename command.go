@@ -4,8 +4,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -18,13 +21,74 @@ type execRequest struct {
 	line    string // the command as the client sent it
 }
 
+// execPolicy is what parseExecute needs of a Config, with the allowlist's programs resolved
+// once, when the server starts.
+type execPolicy struct {
+	timeout    time.Duration     // the default stream timeout
+	restricted bool              // Config.AllowedCommands is not empty
+	programs   map[string]string // listed name → absolute path, or "" when it was not found
+	env        map[string]bool   // the variables a request may set while restricted
+}
+
+// newExecPolicy resolves cfg's allowlist. It always returns a policy that can be enforced:
+// a program that was not found, and an unsafe variable that was listed, are refused to every
+// request. The error names the first of them.
+func newExecPolicy(cfg *Config) (*execPolicy, error) {
+	p := &execPolicy{timeout: cfg.StreamTimeout, restricted: len(cfg.AllowedCommands) > 0}
+	if !p.restricted {
+		return p, nil
+	}
+	var errs []error
+	p.programs = make(map[string]string, len(cfg.AllowedCommands))
+	for _, name := range cfg.AllowedCommands {
+		// In the server's PATH, now: neither a request's PATH nor its cwd may change it.
+		path, err := exec.LookPath(name)
+		if err == nil {
+			path, err = filepath.Abs(path)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("ccexecutor: allowed command %q not found: %w", name, err))
+			path = ""
+		}
+		p.programs[name] = path
+	}
+	p.env = make(map[string]bool, len(cfg.AllowedEnv))
+	for _, name := range cfg.AllowedEnv {
+		if unsafeVar(name) {
+			errs = append(errs, fmt.Errorf("ccexecutor: allowed variable %q is one that makes glibc load code or files (%s): it may never be set", name, strings.Join(unsafeVars, " ")))
+			continue
+		}
+		p.env[name] = true
+	}
+	if len(errs) > 0 {
+		return p, errs[0]
+	}
+	return p, nil
+}
+
+// CheckAllowlist reports whether c's allowlist holds as written: every program of
+// AllowedCommands is found in the PATH of this process, and AllowedEnv names no variable that
+// makes glibc load code or files (LD_*, GCONV_PATH, LOCPATH, ...). The error names the first
+// program or variable that fails. NewServer does not fail on such a Config: it refuses every
+// request for that program or variable. The ccexecutor binary refuses to start.
+func (c Config) CheckAllowlist() error {
+	_, err := newExecPolicy(&c)
+	return err
+}
+
+// notAllowed is the -32002 refusal of req; the request it returns keeps only the command line,
+// for the log.
+func notAllowed(req execRequest, format string, args ...any) (execRequest, *rpcError) {
+	return execRequest{line: req.line}, &rpcError{codeNotAllowed, fmt.Sprintf(format, args...)}
+}
+
 // parseExecute checks the params of execute and turns them into what to run.
-func parseExecute(cfg *Config, params json.RawMessage) (execRequest, *rpcError) {
+func (p *execPolicy) parseExecute(params json.RawMessage) (execRequest, *rpcError) {
 	m, rerr := paramsObject(params)
 	if rerr != nil {
 		return execRequest{}, rerr
 	}
-	req := execRequest{timeout: cfg.StreamTimeout}
+	req := execRequest{timeout: p.timeout}
 	if json.Unmarshal(m["command"], &req.line) != nil || strings.TrimSpace(req.line) == "" {
 		return execRequest{}, invalidParams("command must be a non-empty string")
 	}
@@ -54,7 +118,8 @@ func parseExecute(cfg *Config, params json.RawMessage) (execRequest, *rpcError) 
 		if json.Unmarshal(raw, &env) != nil || raw[0] != '{' {
 			return execRequest{}, invalidParams("env must be an object of strings")
 		}
-		for k, raw := range env {
+		for _, k := range slices.Sorted(maps.Keys(env)) { // the first refused name is always the same
+			raw := env[k]
 			var v string
 			if json.Unmarshal(raw, &v) != nil || raw[0] != '"' {
 				return execRequest{}, invalidParams(fmt.Sprintf("env value of %q must be a string", k))
@@ -62,26 +127,45 @@ func parseExecute(cfg *Config, params json.RawMessage) (execRequest, *rpcError) 
 			if k == "" || strings.ContainsAny(k, "=\x00") || strings.IndexByte(v, 0) >= 0 {
 				return execRequest{}, invalidParams(fmt.Sprintf("env entry %q is not a valid variable", k))
 			}
-			if len(cfg.AllowedCommands) > 0 && strings.HasPrefix(k, "LD_") {
-				return execRequest{}, invalidParams(fmt.Sprintf("env %q may not be set when commands are restricted", k))
+			switch {
+			case !p.restricted:
+			case unsafeVar(k):
+				return notAllowed(req, "Environment variable '%s' is not allowed: it can make programs load code or files the client chooses", k)
+			case !p.env[k]:
+				return notAllowed(req, "Environment variable '%s' is not allowed", k)
 			}
 			req.cmd.env = append(req.cmd.env, k+"="+v) // later entries win in os/exec
 		}
 	}
-	if len(cfg.AllowedCommands) == 0 {
+	if !p.restricted {
 		req.cmd.args = []string{"/bin/sh", "-c", req.line}
 		return req, nil
 	}
 	words, err := splitWords(req.line)
 	if err != nil {
-		name, _, _ := strings.Cut(strings.TrimSpace(req.line), " ")
-		return execRequest{}, &rpcError{codeNotAllowed, fmt.Sprintf("Command '%s' is not allowed: %v", name, err)}
+		return notAllowed(req, "%v", err) // names the syntax: the program may well be listed
 	}
-	if !slices.Contains(cfg.AllowedCommands, words[0]) {
-		return execRequest{}, &rpcError{codeNotAllowed, fmt.Sprintf("Command '%s' is not allowed", words[0])}
+	path, ok := p.programs[words[0]]
+	switch {
+	case !ok:
+		return notAllowed(req, "Command '%s' is not allowed", words[0])
+	case path == "":
+		return notAllowed(req, "Command '%s' is not allowed: it was not found when the server started", words[0])
 	}
+	words[0] = path
 	req.cmd.args = words
 	return req, nil
+}
+
+// unsafeVar reports whether name, in any case and with spaces around it, is one of unsafeVars.
+func unsafeVar(name string) bool {
+	name = strings.ToUpper(strings.TrimSpace(name))
+	for _, u := range unsafeVars {
+		if prefix, ok := strings.CutSuffix(u, "*"); ok && strings.HasPrefix(name, prefix) || name == u {
+			return true
+		}
+	}
+	return false
 }
 
 // shellMeta holds the characters that make a command line more than one simple command.
@@ -110,7 +194,7 @@ func splitWords(line string) ([]string, error) {
 		case c == '\'':
 			j := strings.IndexByte(line[i+1:], '\'')
 			if j < 0 {
-				return nil, errors.New("unterminated single quote")
+				return nil, errors.New("unterminated single quote is not allowed")
 			}
 			word.WriteString(line[i+1 : i+1+j])
 			i += j + 1
@@ -128,12 +212,12 @@ func splitWords(line string) ([]string, error) {
 				}
 			}
 			if j == len(line) {
-				return nil, errors.New("unterminated double quote")
+				return nil, errors.New("unterminated double quote is not allowed")
 			}
 			i = j
 		case c == '\\':
 			if i+1 == len(line) {
-				return nil, errors.New("trailing backslash")
+				return nil, errors.New("trailing backslash is not allowed")
 			}
 			i++
 			word.WriteByte(line[i])
@@ -148,4 +232,12 @@ func splitWords(line string) ([]string, error) {
 		words = append(words, word.String())
 	}
 	return words, nil
+}
+
+// unsafeVars are the variables that glibc's loader and libc ignore in set-user-ID programs
+// (its unsecvars.h, and the MALLOC_ aliases of its tunables), since each makes a program load
+// code or read files that whoever sets it chooses. A trailing * stands for any suffix.
+var unsafeVars = []string{
+	"LD_*", "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH",
+	"MALLOC_*", "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TMPDIR", "TZDIR",
 }

@@ -116,6 +116,10 @@ type Config struct {
 	// AllowedCommands, when not empty, are the only programs execute may run: a command is then
 	// split into words and run without a shell, and one holding shell syntax is refused.
 	AllowedCommands []string
+	// AllowedEnv are the only variables a request's env may set while AllowedCommands is not
+	// empty; even when listed, those that make glibc load code or files (LD_*, GCONV_PATH, ...)
+	// are refused. See CheckAllowlist.
+	AllowedEnv []string
 	// AllowedOrigins are the origins, besides the server's own host, whose pages may connect.
 	AllowedOrigins []string
 	// Token, when not empty, must be presented as "Authorization: Bearer <token>" or as the
@@ -133,6 +137,7 @@ type Server struct {
 	log     *slog.Logger
 	mux     *http.ServeMux
 	started time.Time
+	exec    *execPolicy // what execute may run; see CheckAllowlist
 
 	ctx    context.Context         // the parent of every session's context
 	cancel context.CancelCauseFunc // Shutdown cancels ctx with errShutdown
@@ -140,7 +145,9 @@ type Server struct {
 	sessions registry
 }
 
-// NewServer returns a Server with the configuration cfg.
+// NewServer returns a Server with the configuration cfg. It resolves the programs of
+// cfg.AllowedCommands in the PATH of this process, once: call cfg.CheckAllowlist first to
+// refuse an allowlist that does not hold as written.
 func NewServer(cfg Config) *Server {
 	orDefault(&cfg.MaxSessions, MaxSessions)
 	orDefault(&cfg.StreamTimeout, StreamTimeout)
@@ -159,6 +166,7 @@ func NewServer(cfg Config) *Server {
 		started:  time.Now(),
 		sessions: registry{max: cfg.MaxSessions, sessions: map[*session]struct{}{}, drained: make(chan struct{})},
 	}
+	s.exec, _ = newExecPolicy(&cfg) // what fails is refused to every request; see CheckAllowlist
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
 	s.mux.HandleFunc("GET /health", s.health)
 	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {

@@ -195,7 +195,7 @@ func (s *session) send(b *batch) bool {
 
 // execute starts the command of an execute request and the goroutine that sees it to its end.
 func (s *session) execute(id json.RawMessage, params json.RawMessage) {
-	req, rerr := parseExecute(&s.srv.cfg, params)
+	req, rerr := s.srv.exec.parseExecute(params)
 	if rerr != nil {
 		s.send(errorResponse(id, rerr))
 		return
