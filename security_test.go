@@ -67,6 +67,19 @@ func TestAccess(t *testing.T) {
 		{name: "allowed origin as a prefix", ts: open, header: origin("http://app.example.evil.example"), want: http.StatusForbidden},
 		{name: "allowed origin, other scheme", ts: open, header: origin("https://app.example"), want: http.StatusForbidden},
 		{name: "same host, other port", ts: open, header: origin("http://127.0.0.1:1"), want: http.StatusForbidden},
+		{name: "empty Origin", ts: open, header: origin(""), want: http.StatusForbidden},
+		{name: "same host, scheme ftp", ts: open, header: origin("ftp://ADDR"), want: http.StatusForbidden},
+		{name: "same host, scheme ws", ts: open, header: origin("ws://ADDR"), want: http.StatusForbidden},
+		{name: "same host, no scheme", ts: open, header: origin("//ADDR"), want: http.StatusForbidden},
+		{name: "same host, scheme https", ts: open, header: origin("https://ADDR"), want: http.StatusSwitchingProtocols},
+		{name: "same host, scheme in upper case", ts: open, header: origin("HTTP://ADDR"), want: http.StatusSwitchingProtocols},
+		{name: "allowed host, scheme ftp", ts: open, header: origin("ftp://app.example"), want: http.StatusForbidden},
+		{name: "two Origins, both allowed", ts: open, header: func(addr string) http.Header {
+			return http.Header{"Origin": {"http://" + addr, "http://app.example"}}
+		}, want: http.StatusForbidden},
+		{name: "two Origins, foreign second", ts: open, header: func(addr string) http.Header {
+			return http.Header{"Origin": {"http://" + addr, "http://evil.example"}}
+		}, want: http.StatusForbidden},
 		{name: "Host localhost", ts: open, host: "localhost", want: http.StatusSwitchingProtocols},
 		{name: "Host [::1]", ts: open, host: "[::1]:8003", want: http.StatusSwitchingProtocols},
 		{name: "Host not loopback", ts: open, host: "evil.example", want: http.StatusForbidden},

@@ -249,7 +249,10 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 // or the HTTP status and message to refuse it with.
 // The Host check is in ServeHTTP, for every path.
 func (s *Server) checkAccess(r *http.Request) (int, string) {
-	if origin := r.Header.Get("Origin"); origin != "" && !s.originAllowed(origin, r.Host) {
+	switch origins := r.Header.Values("Origin"); {
+	case len(origins) > 1:
+		return http.StatusForbidden, "forbidden: more than one Origin"
+	case len(origins) == 1 && !s.originAllowed(origins[0], r.Host):
 		return http.StatusForbidden, "forbidden: origin not allowed"
 	}
 	if s.cfg.Token != "" && !tokenMatches(r, s.cfg.Token) {
@@ -258,11 +261,12 @@ func (s *Server) checkAccess(r *http.Request) (int, string) {
 	return 0, ""
 }
 
-// originAllowed reports whether a handshake's Origin may connect: its host must be the host
-// the client connected to, or it must be on the allowed list.
+// originAllowed reports whether a handshake's Origin may connect: it must be an http or https
+// origin, and its host must be the host the client connected to, or it must be on the allowed
+// list.
 func (s *Server) originAllowed(origin, host string) bool {
 	u, err := url.Parse(origin)
-	if err != nil || u.Host == "" {
+	if err != nil || u.Host == "" || u.Scheme != "http" && u.Scheme != "https" {
 		return false // includes "null", sent by sandboxed pages and file: URLs
 	}
 	if strings.EqualFold(u.Host, host) {
