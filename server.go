@@ -138,6 +138,7 @@ type Server struct {
 	mux     *http.ServeMux
 	started time.Time
 	exec    *execPolicy // what execute may run; see CheckAllowlist
+	refused *refusalLog // logs refused handshakes and commands, a few a second per reason
 
 	ctx    context.Context         // the parent of every session's context
 	cancel context.CancelCauseFunc // Shutdown cancels ctx with errShutdown
@@ -162,6 +163,7 @@ func NewServer(cfg Config) *Server {
 	s := &Server{
 		cfg:      cfg,
 		log:      cfg.Logger,
+		refused:  newRefusalLog(cfg.Logger),
 		mux:      http.NewServeMux(),
 		started:  time.Now(),
 		sessions: registry{max: cfg.MaxSessions, sessions: map[*session]struct{}{}, drained: make(chan struct{})},
@@ -186,7 +188,9 @@ func orDefault[T int | time.Duration](v *T, def T) {
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !hostAllowed(r) {
-		http.Error(w, "forbidden: host is not a loopback name", http.StatusForbidden)
+		const reason = "forbidden: host is not a loopback name"
+		s.refused.warn("request refused", reason, "remote", r.RemoteAddr, "status", http.StatusForbidden, "host", r.Host)
+		http.Error(w, reason, http.StatusForbidden)
 		return
 	}
 	s.mux.ServeHTTP(w, r)
@@ -234,11 +238,14 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 // serveWebSocket checks access, then upgrades the connection and serves its session.
 func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	if code, msg := s.checkAccess(r); code != 0 {
+		s.refused.warn("handshake refused", msg, "remote", r.RemoteAddr, "status", code)
 		http.Error(w, msg, code)
 		return
 	}
 	if s.ctx.Err() != nil {
-		http.Error(w, "server shutting down", http.StatusServiceUnavailable)
+		const reason = "server shutting down"
+		s.refused.warn("handshake refused", reason, "remote", r.RemoteAddr, "status", http.StatusServiceUnavailable)
+		http.Error(w, reason, http.StatusServiceUnavailable)
 		return
 	}
 	h := &hijacker{ResponseWriter: w, wait: s.cfg.WriteWait}
@@ -246,7 +253,7 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 }
 
 // checkAccess applies the protocol's access rules to a handshake. It returns 0 to let it through,
-// or the HTTP status and message to refuse it with.
+// or the HTTP status and message to refuse it with; the messages are a fixed set.
 // The Host check is in ServeHTTP, for every path.
 func (s *Server) checkAccess(r *http.Request) (int, string) {
 	switch origins := r.Header.Values("Origin"); {
@@ -326,10 +333,11 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 	case errLimit:
 		b := appendFrame(nil, opText, []byte(`{"jsonrpc":"2.0","error":{"code":-32001,"message":"Session limit exceeded","data":null}}`))
 		c.Write(appendFrame(b, opClose, closePayload(1008, "Session limit exceeded")))
-		s.log.Info("session refused", "remote", ws.Request().RemoteAddr, "reason", err)
+		s.refused.warn("session refused", "session limit exceeded", "remote", ws.Request().RemoteAddr, "close_code", 1008)
 		return
 	default:
 		c.Write(appendFrame(nil, opClose, closePayload(1001, "Server shutting down")))
+		s.refused.warn("session refused", "server shutting down", "remote", ws.Request().RemoteAddr, "close_code", 1001)
 		return
 	}
 	ss.ctx, ss.cancel = context.WithCancelCause(s.ctx)
