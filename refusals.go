@@ -11,9 +11,9 @@ import (
 // Refusals are logged at warn, but not all of them: a flood of refused handshakes must not
 // become a flood of log lines.
 const (
-	refusalBurst     = 5           // lines logged per reason in each refusalEvery; the rest are counted
-	refusalEvery     = time.Second // the window refusalBurst counts in
-	maxLoggedCommand = 1 << 10     // bytes of a command line logged; a longer one is cut, its length given
+	refusalBurst  = 5           // lines logged per reason in each refusalEvery; the rest are counted
+	refusalEvery  = time.Second // the window refusalBurst counts in
+	maxLoggedText = 1 << 10     // bytes of a client's text (a command line, a Host) logged; longer is cut, its length given
 )
 
 // rateLimiter lets at most burst events of each key through in each window of every, and
@@ -85,13 +85,13 @@ func (r *refusalLog) warn(msg, reason string, args ...any) {
 	r.log.Warn(msg, args...)
 }
 
-// loggedCommand is a command line as it is logged: whole up to maxLoggedCommand bytes, else cut
-// there, at a character boundary, with its length.
-func loggedCommand(line string) string {
-	if len(line) <= maxLoggedCommand {
+// loggedText is text from a client, such as a command line, as it is logged: whole up to
+// maxLoggedText bytes, else cut there, at a character boundary, with its length.
+func loggedText(line string) string {
+	if len(line) <= maxLoggedText {
 		return line
 	}
-	cut := maxLoggedCommand
+	cut := maxLoggedText
 	for cut > 0 && !utf8.RuneStart(line[cut]) {
 		cut--
 	}

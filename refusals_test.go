@@ -97,9 +97,9 @@ func TestRefusalTrace(t *testing.T) {
 	}
 }
 
-// TestLoggedCommand checks the cut of a long command line in the log: whole up to 1 KiB, then
+// TestLoggedText checks the cut of a long command line (or Host) in the log: whole up to 1 KiB, then
 // cut at a character boundary at or before it, with the length.
-func TestLoggedCommand(t *testing.T) {
+func TestLoggedText(t *testing.T) {
 	rows := []struct {
 		name, line, want string
 	}{
@@ -111,8 +111,8 @@ func TestLoggedCommand(t *testing.T) {
 	}
 	for _, row := range rows {
 		t.Run(row.name, func(t *testing.T) {
-			if got := loggedCommand(row.line); got != row.want {
-				t.Errorf("loggedCommand(%d bytes) = %q (%d bytes), want %q", len(row.line), got, len(got), row.want)
+			if got := loggedText(row.line); got != row.want {
+				t.Errorf("loggedText(%d bytes) = %q (%d bytes), want %q", len(row.line), got, len(got), row.want)
 			}
 		})
 	}

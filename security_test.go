@@ -210,7 +210,7 @@ func TestAllowlist(t *testing.T) {
 	full := newTestServer(t, Config{AllowedCommands: []string{"/usr/bin/id"}})
 	// A server that lists every variable glibc deems unsafe: as a library user may, without
 	// calling CheckAllowlist first. The request must still be refused.
-	listed := newTestServer(t, Config{AllowedCommands: programs, AllowedEnv: append([]string{"LC_ALL"}, unsafeVars...)})
+	listed := newTestServer(t, Config{AllowedCommands: programs, AllowedEnv: append([]string{"LC_ALL", "PATH"}, unsafeVars...)})
 	dir := t.TempDir()
 	marker := filepath.Join(dir, "created")
 	// A fake id earlier in a PATH the client passes: the server's PATH must decide what runs.
@@ -280,7 +280,7 @@ func TestAllowlist(t *testing.T) {
 		},
 		{name: "listed variable", command: "printenv GREETING", env: map[string]string{"GREETING": "hello"}, want: "hello\n"},
 		{name: "PATH from the client does not choose the program", command: "id", env: map[string]string{"PATH": dir}, want: refused, msg: "'PATH'"},
-		{name: "PATH, listed, does not choose the program", ts: listed, command: "id", want: "uid="},
+		{name: "PATH, listed, does not choose the program", ts: listed, command: "id", env: map[string]string{"PATH": dir}, want: "uid="},
 
 		// The first word after unquoting is the program: 'i''d' is id, which is listed.
 		{name: "listed program in pieces of quotes", command: "'i''d'", want: "uid="},

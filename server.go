@@ -189,7 +189,7 @@ func orDefault[T int | time.Duration](v *T, def T) {
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !hostAllowed(r) {
 		const reason = "forbidden: host is not a loopback name"
-		s.refused.warn("request refused", reason, "remote", r.RemoteAddr, "status", http.StatusForbidden, "host", r.Host)
+		s.refused.warn("request refused", reason, "remote", r.RemoteAddr, "status", http.StatusForbidden, "host", loggedText(r.Host))
 		http.Error(w, reason, http.StatusForbidden)
 		return
 	}

@@ -199,7 +199,7 @@ func (s *session) execute(id json.RawMessage, params json.RawMessage) {
 	if rerr != nil {
 		if rerr.Code == codeNotAllowed {
 			s.srv.refused.warn("command refused", "command not allowed", "session", s.id,
-				"remote", s.ws.Request().RemoteAddr, "error", rerr.Message, "command", loggedCommand(req.line))
+				"remote", s.ws.Request().RemoteAddr, "error", loggedText(rerr.Message), "command", loggedText(req.line))
 		}
 		s.send(errorResponse(id, rerr))
 		return
@@ -214,7 +214,7 @@ func (s *session) execute(id json.RawMessage, params json.RawMessage) {
 		return
 	}
 	ctx, cancel := context.WithCancelCause(s.ctx)
-	r := &run{p: p, cancel: cancel, command: loggedCommand(req.line), started: time.Now()}
+	r := &run{p: p, cancel: cancel, command: loggedText(req.line), started: time.Now()}
 	s.run = r
 	s.log("run started", "pid", p.pid, "command", r.command)
 	s.send(response(id, struct {
