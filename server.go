@@ -34,13 +34,12 @@
 // # Concurrency
 //
 // The only mutex that spans sessions is registry.mu: it guards the session map and the closing
-// flag, and is held for map and counter work only, never across I/O. (The rate limit of the
-// refusal log has a mutex of its own, held likewise, for its counters only; the line is
-// logged after it is released.) Everything else is owned
+// flag, and is held for map and counter work only, never across I/O. Everything else is owned
 // by one goroutine at a time and handed over on channels. Output is handed over in batches of
 // frames: each pump owns two, fills one while the writer writes the other and gets it back
 // once written, so a slow client slows the process through its pipe and pins at most two
-// batches per stream.
+// batches per stream. (The rate limit of the refusal log has a mutex of its own, held for its
+// counters only; the line is logged after it is released.)
 //
 // Each session owns these goroutines, joined by its WaitGroup before its slot is freed:
 // serve, the handler's goroutine, which answers requests in order and owns the session's state;
