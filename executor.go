@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"strings"
 	"syscall"
 	"time"
 )
@@ -174,70 +173,4 @@ func supervise(ctx context.Context, g group, grace time.Duration) error {
 	}
 	<-g.reaped()
 	return cause
-}
-
-// shellMeta holds the characters that make a command line more than one simple command.
-const shellMeta = ";&|`$<>()\n"
-
-// splitWords splits line into words by the quoting rules of sh(1): single quotes keep
-// everything, double quotes keep everything but a backslash before one of $`"\ and newline, and
-// a backslash outside quotes keeps the next character. It refuses a line that holds shell syntax
-// outside single quotes, since a run without a shell could not do what such a line asks.
-func splitWords(line string) ([]string, error) {
-	var (
-		words  []string
-		word   strings.Builder
-		inWord bool
-	)
-	for i := 0; i < len(line); i++ {
-		c := line[i]
-		switch {
-		case c == ' ' || c == '\t':
-			if inWord {
-				words = append(words, word.String())
-				word.Reset()
-				inWord = false
-			}
-			continue
-		case c == '\'':
-			j := strings.IndexByte(line[i+1:], '\'')
-			if j < 0 {
-				return nil, errors.New("unterminated single quote")
-			}
-			word.WriteString(line[i+1 : i+1+j])
-			i += j + 1
-		case c == '"':
-			j := i + 1
-			for ; j < len(line) && line[j] != '"'; j++ {
-				switch {
-				case line[j] == '\\' && j+1 < len(line) && strings.IndexByte("$`\"\\\n", line[j+1]) >= 0:
-					j++
-					word.WriteByte(line[j])
-				case line[j] == '$' || line[j] == '`':
-					return nil, fmt.Errorf("shell syntax %q is not allowed", line[j])
-				default:
-					word.WriteByte(line[j])
-				}
-			}
-			if j == len(line) {
-				return nil, errors.New("unterminated double quote")
-			}
-			i = j
-		case c == '\\':
-			if i+1 == len(line) {
-				return nil, errors.New("trailing backslash")
-			}
-			i++
-			word.WriteByte(line[i])
-		case strings.IndexByte(shellMeta, c) >= 0:
-			return nil, fmt.Errorf("shell syntax %q is not allowed", c)
-		default:
-			word.WriteByte(c)
-		}
-		inWord = true
-	}
-	if inWord {
-		words = append(words, word.String())
-	}
-	return words, nil
 }

@@ -38,7 +38,8 @@
 // by one goroutine at a time and handed over on channels. Output is handed over in batches of
 // frames: each pump owns two, fills one while the writer writes the other and gets it back
 // once written, so a slow client slows the process through its pipe and pins at most two
-// batches per stream.
+// batches per stream. (The rate limit of the refusal log has a mutex of its own, held for its
+// counters only; the line is logged after it is released.)
 //
 // Each session owns these goroutines, joined by its WaitGroup before its slot is freed:
 // serve, the handler's goroutine, which answers requests in order and owns the session's state;
@@ -72,8 +73,6 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
-	"os"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -118,6 +117,10 @@ type Config struct {
 	// AllowedCommands, when not empty, are the only programs execute may run: a command is then
 	// split into words and run without a shell, and one holding shell syntax is refused.
 	AllowedCommands []string
+	// AllowedEnv are the only variables a request's env may set while AllowedCommands is not
+	// empty; even when listed, those that make glibc load code or files (LD_*, GCONV_PATH, ...)
+	// are refused. See CheckAllowlist.
+	AllowedEnv []string
 	// AllowedOrigins are the origins, besides the server's own host, whose pages may connect.
 	AllowedOrigins []string
 	// Token, when not empty, must be presented as "Authorization: Bearer <token>" or as the
@@ -135,6 +138,8 @@ type Server struct {
 	log     *slog.Logger
 	mux     *http.ServeMux
 	started time.Time
+	exec    *execPolicy // what execute may run; see CheckAllowlist
+	refused *refusalLog // logs refused handshakes and commands, a few a second per reason
 
 	ctx    context.Context         // the parent of every session's context
 	cancel context.CancelCauseFunc // Shutdown cancels ctx with errShutdown
@@ -142,7 +147,9 @@ type Server struct {
 	sessions registry
 }
 
-// NewServer returns a Server with the configuration cfg.
+// NewServer returns a Server with the configuration cfg. It resolves the programs of
+// cfg.AllowedCommands in the PATH of this process, once: call cfg.CheckAllowlist first to
+// refuse an allowlist that does not hold as written.
 func NewServer(cfg Config) *Server {
 	orDefault(&cfg.MaxSessions, MaxSessions)
 	orDefault(&cfg.StreamTimeout, StreamTimeout)
@@ -157,10 +164,12 @@ func NewServer(cfg Config) *Server {
 	s := &Server{
 		cfg:      cfg,
 		log:      cfg.Logger,
+		refused:  newRefusalLog(cfg.Logger),
 		mux:      http.NewServeMux(),
 		started:  time.Now(),
 		sessions: registry{max: cfg.MaxSessions, sessions: map[*session]struct{}{}, drained: make(chan struct{})},
 	}
+	s.exec, _ = newExecPolicy(&cfg) // what fails is refused to every request; see CheckAllowlist
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
 	s.mux.HandleFunc("GET /health", s.health)
 	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -180,7 +189,9 @@ func orDefault[T int | time.Duration](v *T, def T) {
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !hostAllowed(r) {
-		http.Error(w, "forbidden: host is not a loopback name", http.StatusForbidden)
+		const reason = "forbidden: host is not a loopback name"
+		s.refused.warn("request refused", reason, "remote", r.RemoteAddr, "status", http.StatusForbidden, "host", loggedText(r.Host))
+		http.Error(w, reason, http.StatusForbidden)
 		return
 	}
 	s.mux.ServeHTTP(w, r)
@@ -228,11 +239,14 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 // serveWebSocket checks access, then upgrades the connection and serves its session.
 func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	if code, msg := s.checkAccess(r); code != 0 {
+		s.refused.warn("handshake refused", msg, "remote", r.RemoteAddr, "status", code)
 		http.Error(w, msg, code)
 		return
 	}
 	if s.ctx.Err() != nil {
-		http.Error(w, "server shutting down", http.StatusServiceUnavailable)
+		const reason = "server shutting down"
+		s.refused.warn("handshake refused", reason, "remote", r.RemoteAddr, "status", http.StatusServiceUnavailable)
+		http.Error(w, reason, http.StatusServiceUnavailable)
 		return
 	}
 	h := &hijacker{ResponseWriter: w, wait: s.cfg.WriteWait}
@@ -240,10 +254,13 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 }
 
 // checkAccess applies the protocol's access rules to a handshake. It returns 0 to let it through,
-// or the HTTP status and message to refuse it with.
+// or the HTTP status and message to refuse it with; the messages are a fixed set.
 // The Host check is in ServeHTTP, for every path.
 func (s *Server) checkAccess(r *http.Request) (int, string) {
-	if origin := r.Header.Get("Origin"); origin != "" && !s.originAllowed(origin, r.Host) {
+	switch origins := r.Header.Values("Origin"); {
+	case len(origins) > 1:
+		return http.StatusForbidden, "forbidden: more than one Origin"
+	case len(origins) == 1 && !s.originAllowed(origins[0], r.Host):
 		return http.StatusForbidden, "forbidden: origin not allowed"
 	}
 	if s.cfg.Token != "" && !tokenMatches(r, s.cfg.Token) {
@@ -252,11 +269,12 @@ func (s *Server) checkAccess(r *http.Request) (int, string) {
 	return 0, ""
 }
 
-// originAllowed reports whether a handshake's Origin may connect: its host must be the host
-// the client connected to, or it must be on the allowed list.
+// originAllowed reports whether a handshake's Origin may connect: it must be an http or https
+// origin, and its host must be the host the client connected to, or it must be on the allowed
+// list.
 func (s *Server) originAllowed(origin, host string) bool {
 	u, err := url.Parse(origin)
-	if err != nil || u.Host == "" {
+	if err != nil || u.Host == "" || u.Scheme != "http" && u.Scheme != "https" {
 		return false // includes "null", sent by sandboxed pages and file: URLs
 	}
 	if strings.EqualFold(u.Host, host) {
@@ -316,10 +334,11 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 	case errLimit:
 		b := appendFrame(nil, opText, []byte(`{"jsonrpc":"2.0","error":{"code":-32001,"message":"Session limit exceeded","data":null}}`))
 		c.Write(appendFrame(b, opClose, closePayload(1008, "Session limit exceeded")))
-		s.log.Info("session refused", "remote", ws.Request().RemoteAddr, "reason", err)
+		s.refused.warn("session refused", "session limit exceeded", "remote", ws.Request().RemoteAddr, "close_code", 1008)
 		return
 	default:
 		c.Write(appendFrame(nil, opClose, closePayload(1001, "Server shutting down")))
+		s.refused.warn("session refused", "server shutting down", "remote", ws.Request().RemoteAddr, "close_code", 1001)
 		return
 	}
 	ss.ctx, ss.cancel = context.WithCancelCause(s.ctx)
@@ -776,77 +795,4 @@ func paramsObject(params json.RawMessage) (map[string]json.RawMessage, *rpcError
 
 func invalidParams(msg string) *rpcError {
 	return &rpcError{codeInvalidParams, "Invalid params: " + msg}
-}
-
-// execRequest is a checked execute request.
-type execRequest struct {
-	cmd     command
-	timeout time.Duration
-	line    string // the command as the client sent it
-}
-
-// parseExecute checks the params of execute and turns them into what to run.
-func (s *Server) parseExecute(params json.RawMessage) (execRequest, *rpcError) {
-	m, rerr := paramsObject(params)
-	if rerr != nil {
-		return execRequest{}, rerr
-	}
-	req := execRequest{timeout: s.cfg.StreamTimeout}
-	if json.Unmarshal(m["command"], &req.line) != nil || strings.TrimSpace(req.line) == "" {
-		return execRequest{}, invalidParams("command must be a non-empty string")
-	}
-	if strings.IndexByte(req.line, 0) >= 0 {
-		return execRequest{}, invalidParams("command must not contain NUL")
-	}
-	if raw := m["timeout"]; len(raw) > 0 && string(raw) != "null" {
-		var secs float64
-		if json.Unmarshal(raw, &secs) != nil || secs <= 0 || secs > math.MaxInt64/float64(time.Second) {
-			return execRequest{}, invalidParams("timeout must be a positive number of seconds")
-		}
-		if req.timeout = time.Duration(secs * float64(time.Second)); req.timeout <= 0 {
-			return execRequest{}, invalidParams("timeout must be a positive number of seconds")
-		}
-	}
-	if raw := m["cwd"]; len(raw) > 0 && string(raw) != "null" {
-		if json.Unmarshal(raw, &req.cmd.dir) != nil {
-			return execRequest{}, invalidParams("cwd must be a string")
-		}
-		if fi, err := os.Stat(req.cmd.dir); err != nil || !fi.IsDir() {
-			return execRequest{}, invalidParams(fmt.Sprintf("cwd %q is not a directory", req.cmd.dir))
-		}
-	}
-	req.cmd.env = os.Environ()
-	if raw := m["env"]; len(raw) > 0 && string(raw) != "null" {
-		var env map[string]json.RawMessage
-		if json.Unmarshal(raw, &env) != nil || raw[0] != '{' {
-			return execRequest{}, invalidParams("env must be an object of strings")
-		}
-		for k, raw := range env {
-			var v string
-			if json.Unmarshal(raw, &v) != nil || raw[0] != '"' {
-				return execRequest{}, invalidParams(fmt.Sprintf("env value of %q must be a string", k))
-			}
-			if k == "" || strings.ContainsAny(k, "=\x00") || strings.IndexByte(v, 0) >= 0 {
-				return execRequest{}, invalidParams(fmt.Sprintf("env entry %q is not a valid variable", k))
-			}
-			if len(s.cfg.AllowedCommands) > 0 && strings.HasPrefix(k, "LD_") {
-				return execRequest{}, invalidParams(fmt.Sprintf("env %q may not be set when commands are restricted", k))
-			}
-			req.cmd.env = append(req.cmd.env, k+"="+v) // later entries win in os/exec
-		}
-	}
-	if len(s.cfg.AllowedCommands) == 0 {
-		req.cmd.args = []string{"/bin/sh", "-c", req.line}
-		return req, nil
-	}
-	words, err := splitWords(req.line)
-	if err != nil {
-		name, _, _ := strings.Cut(strings.TrimSpace(req.line), " ")
-		return execRequest{}, &rpcError{codeNotAllowed, fmt.Sprintf("Command '%s' is not allowed: %v", name, err)}
-	}
-	if !slices.Contains(s.cfg.AllowedCommands, words[0]) {
-		return execRequest{}, &rpcError{codeNotAllowed, fmt.Sprintf("Command '%s' is not allowed", words[0])}
-	}
-	req.cmd.args = words
-	return req, nil
 }

@@ -110,7 +110,7 @@ type session struct {
 type run struct {
 	p       *process
 	cancel  context.CancelCauseFunc
-	command string
+	command string // as logged: cut when long
 	started time.Time
 }
 
@@ -195,8 +195,12 @@ func (s *session) send(b *batch) bool {
 
 // execute starts the command of an execute request and the goroutine that sees it to its end.
 func (s *session) execute(id json.RawMessage, params json.RawMessage) {
-	req, rerr := s.srv.parseExecute(params)
+	req, rerr := s.srv.exec.parseExecute(params)
 	if rerr != nil {
+		if rerr.Code == codeNotAllowed {
+			s.srv.refused.warn("command refused", "command not allowed", "session", s.id,
+				"remote", s.ws.Request().RemoteAddr, "error", loggedText(rerr.Message), "command", loggedText(req.line))
+		}
 		s.send(errorResponse(id, rerr))
 		return
 	}
@@ -210,7 +214,7 @@ func (s *session) execute(id json.RawMessage, params json.RawMessage) {
 		return
 	}
 	ctx, cancel := context.WithCancelCause(s.ctx)
-	r := &run{p: p, cancel: cancel, command: req.line, started: time.Now()}
+	r := &run{p: p, cancel: cancel, command: loggedText(req.line), started: time.Now()}
 	s.run = r
 	s.log("run started", "pid", p.pid, "command", r.command)
 	s.send(response(id, struct {

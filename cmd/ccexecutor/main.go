@@ -11,6 +11,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -61,6 +62,8 @@ func serve(args []string) int {
 		level    = fs.String("log-level", "info", "log level: debug, info, warn or error (env LOG_LEVEL)")
 		insecure = fs.Bool("insecure", false, "allow listening on a non-loopback address without a token (env INSECURE)")
 		allowed  = fs.String("allowed-commands", "", "comma-separated programs that alone may run, without a shell (env ALLOWED_COMMANDS)")
+		allowEnv = fs.String("allowed-env", "", "comma-separated variables a request's env may set while --allowed-commands is in force (env ALLOWED_ENV)")
+		tokFile  = fs.String("token-file", "", "file holding the token clients must present; readable by its owner only (env CC_EXECUTOR_TOKEN_FILE)")
 		origins  = fs.String("allow-origin", "", "comma-separated origins allowed besides the server's own (env ALLOWED_ORIGINS)")
 	)
 	fs.IntVar(&cfg.MaxSessions, "max-sessions", ccexecutor.MaxSessions, "sessions held at once (env MAX_SESSIONS)")
@@ -82,6 +85,7 @@ func serve(args []string) int {
 		"allow-origin": "ALLOWED_ORIGINS", "max-sessions": "MAX_SESSIONS", "stream-timeout": "STREAM_TIMEOUT",
 		"max-line-bytes": "MAX_LINE_BYTES", "kill-grace": "KILL_GRACE", "max-message-bytes": "MAX_MESSAGE_BYTES",
 		"ping-interval": "PING_INTERVAL", "write-wait": "WRITE_WAIT", "token": "CC_EXECUTOR_TOKEN",
+		"allowed-env": "ALLOWED_ENV", "token-file": "CC_EXECUTOR_TOKEN_FILE",
 	} {
 		if v, ok := os.LookupEnv(env); ok {
 			if err := fs.Set(name, v); err != nil {
@@ -101,11 +105,26 @@ func serve(args []string) int {
 		return 2
 	}
 	os.Unsetenv("CC_EXECUTOR_TOKEN") // commands inherit the server's environment; not the token
+	if *tokFile != "" {
+		if cfg.Token != "" {
+			fmt.Fprintln(os.Stderr, "ccexecutor: --token-file and --token (or CC_EXECUTOR_TOKEN) both set: set one")
+			return 2
+		}
+		var err error
+		if cfg.Token, err = readToken(*tokFile); err != nil {
+			fmt.Fprintf(os.Stderr, "ccexecutor: %v\n", err)
+			return 2
+		}
+	}
 	if err := check(&cfg, *addr, *insecure, *level); err != nil {
 		fmt.Fprintf(os.Stderr, "ccexecutor: %v\n", err)
 		return 2
 	}
-	cfg.AllowedCommands, cfg.AllowedOrigins = list(*allowed), list(*origins)
+	cfg.AllowedCommands, cfg.AllowedOrigins, cfg.AllowedEnv = list(*allowed), list(*origins), list(*allowEnv)
+	if err := cfg.CheckAllowlist(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
 	var lv slog.Level
 	lv.UnmarshalText([]byte(*level))
 	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lv}))
@@ -172,6 +191,39 @@ func check(cfg *ccexecutor.Config, addr string, insecure bool, level string) err
 		return fmt.Errorf("refusing to listen on %s without a token: anyone who can reach it could run commands as this user; set --token (or CC_EXECUTOR_TOKEN), or --insecure if a proxy in front of it authenticates", addr)
 	}
 	return nil
+}
+
+// readToken reads the token from path: its content, without a trailing newline. The file must
+// be a regular file that neither group nor others may read or write.
+func readToken(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("token file: %v", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("token file: %v", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return "", fmt.Errorf("token file %s is not a regular file", path)
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return "", fmt.Errorf("token file %s has mode %04o: group or others may read or change it; chmod 600 it", path, perm)
+	}
+	const maxToken = 64 << 10
+	b, err := io.ReadAll(io.LimitReader(f, maxToken+1))
+	switch {
+	case err != nil:
+		return "", fmt.Errorf("token file: %v", err)
+	case len(b) > maxToken:
+		return "", fmt.Errorf("token file %s is over %d bytes", path, maxToken)
+	}
+	tok := strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+	if tok == "" {
+		return "", fmt.Errorf("token file %s is empty", path)
+	}
+	return tok, nil
 }
 
 // list splits a comma-separated list, dropping empty items.

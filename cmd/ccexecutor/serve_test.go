@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -29,7 +30,7 @@ func serveEnv(extra ...string) []string {
 		switch name, _, _ := strings.Cut(kv, "="); name {
 		case "ADDR", "DEFAULT_PORT", "LOG_LEVEL", "INSECURE", "ALLOWED_COMMANDS", "ALLOWED_ORIGINS",
 			"MAX_SESSIONS", "STREAM_TIMEOUT", "MAX_LINE_BYTES", "KILL_GRACE", "MAX_MESSAGE_BYTES",
-			"PING_INTERVAL", "WRITE_WAIT", "CC_EXECUTOR_TOKEN":
+			"PING_INTERVAL", "WRITE_WAIT", "CC_EXECUTOR_TOKEN", "ALLOWED_ENV", "CC_EXECUTOR_TOKEN_FILE":
 		default:
 			env = append(env, kv)
 		}
@@ -335,6 +336,23 @@ func refused(addr string) error {
 // TestFlags checks that the server refuses a bad configuration before it listens, with exit
 // status 2 and a message that names the problem, and that -h lists every flag.
 func TestFlags(t *testing.T) {
+	dir := t.TempDir()
+	tokenFile := func(name, content string, mode os.FileMode) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(content), mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(path, mode); err != nil { // not masked by the umask
+			t.Fatal(err)
+		}
+		return path
+	}
+	emptyToken := tokenFile("empty", "", 0o600)
+	newlineToken := tokenFile("newline", "\n", 0o600)
+	groupToken := tokenFile("group", "s3cret\n", 0o640)
+	worldToken := tokenFile("world", "s3cret\n", 0o604)
+	groupWritable := tokenFile("group-writable", "s3cret\n", 0o620)
+	goodToken := tokenFile("good", "s3cret\n", 0o600)
 	rows := []struct {
 		name string
 		args []string
@@ -370,6 +388,24 @@ func TestFlags(t *testing.T) {
 		// An argument that is not a flag stops flag parsing: the flags after it would be
 		// dropped without a word, here the allowlist, and the server would run any command.
 		{"argument before flags", []string{"--addr", "127.0.0.1:0", "8003", "--allowed-commands", "echo"}, nil, "8003"},
+		// The allowlist must hold as written, or the server must not start.
+		{"allowed command not found", []string{"--allowed-commands", "echo,ccexecutor-no-such-program"}, nil, `allowed command "ccexecutor-no-such-program" not found`},
+		{"ALLOWED_COMMANDS not found", nil, []string{"ALLOWED_COMMANDS=/nonexistent/id"}, `allowed command "/nonexistent/id" not found`},
+		{"allowed-env LD_PRELOAD", []string{"--allowed-commands", "echo", "--allowed-env", "LANG,LD_PRELOAD"}, nil, `allowed variable "LD_PRELOAD"`},
+		{"allowed-env GCONV_PATH", []string{"--allowed-commands", "echo", "--allowed-env", "GCONV_PATH"}, nil, `allowed variable "GCONV_PATH"`},
+		{"allowed-env ld_preload", []string{"--allowed-commands", "echo", "--allowed-env", "ld_preload"}, nil, `allowed variable "ld_preload"`},
+		{"ALLOWED_ENV=MALLOC_CHECK_", []string{"--allowed-commands", "echo"}, []string{"ALLOWED_ENV=MALLOC_CHECK_"}, `allowed variable "MALLOC_CHECK_"`},
+		// A token file that is missing, empty or readable by others.
+		{"token file missing", []string{"--token-file", filepath.Join(dir, "missing")}, nil, "token file: open " + filepath.Join(dir, "missing") + ": no such file or directory"},
+		{"token file empty", []string{"--token-file", emptyToken}, nil, "token file " + emptyToken + " is empty"},
+		{"token file a newline", []string{"--token-file", newlineToken}, nil, "token file " + newlineToken + " is empty"},
+		{"token file group-readable", []string{"--token-file", groupToken}, nil, "token file " + groupToken + " has mode 0640"},
+		{"token file world-readable", []string{"--token-file", worldToken}, nil, "token file " + worldToken + " has mode 0604"},
+		{"token file group-writable", []string{"--token-file", groupWritable}, nil, "has mode 0620"},
+		{"token file a folder", []string{"--token-file", dir}, nil, "token file " + dir + " is not a regular file"},
+		{"CC_EXECUTOR_TOKEN_FILE world-readable", nil, []string{"CC_EXECUTOR_TOKEN_FILE=" + worldToken}, "has mode 0604"},
+		{"token file and token", []string{"--token-file", goodToken, "--token", "x"}, nil, "--token-file and --token (or CC_EXECUTOR_TOKEN) both set"},
+		{"token file and CC_EXECUTOR_TOKEN", []string{"--token-file", goodToken}, []string{"CC_EXECUTOR_TOKEN=x"}, "both set"},
 	}
 	for _, row := range rows {
 		t.Run(row.name, func(t *testing.T) {
@@ -396,6 +432,7 @@ func TestFlags(t *testing.T) {
 		for _, flag := range []string{
 			"addr", "log-level", "insecure", "allowed-commands", "allow-origin", "max-sessions", "stream-timeout",
 			"max-line-bytes", "kill-grace", "max-message-bytes", "ping-interval", "write-wait", "token",
+			"allowed-env", "token-file",
 		} {
 			if !strings.Contains(res.stderr, "  -"+flag+" ") && !strings.Contains(res.stderr, "  -"+flag+"\n") {
 				t.Errorf("-h does not show -%s:\n%s", flag, res.stderr)
