@@ -96,7 +96,7 @@ const (
 	MaxLineBytes    = 512 << 10        // longest output line sent whole; longer lines are cut
 	KillGrace       = 5 * time.Second  // time between SIGTERM and SIGKILL when a group is ended
 	WriteWait       = 10 * time.Second // time a frame may take to be written before the client counts as gone
-	MaxMessageBytes = 1 << 20          // largest inbound frame; a larger one is answered with -32600
+	MaxMessageBytes = 1 << 20          // largest inbound message, all fragments together; a larger one gets -32600
 	PingInterval    = 20 * time.Second // write silence after which the server sends a Ping
 )
 
