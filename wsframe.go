@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
-	"slices"
 	"unicode/utf8"
 )
 
@@ -52,6 +51,7 @@ type clientFrame struct {
 type frameReader struct {
 	r   *bufio.Reader
 	max int
+	buf [8]byte // a header's bytes, being read
 
 	// The message being reassembled, while in is set.
 	in       bool
@@ -92,8 +92,11 @@ func (fr *frameReader) next() (clientFrame, error) {
 				return clientFrame{}, unexpected(err)
 			}
 		} else {
-			n := len(fr.data)
-			fr.data = slices.Grow(fr.data, int(h.length))[:n+int(h.length)]
+			n, need := len(fr.data), len(fr.data)+int(h.length)
+			if need > cap(fr.data) { // at least double, so that many fragments cost few copies
+				fr.data = append(make([]byte, 0, min(max(2*cap(fr.data), need), fr.max)), fr.data...)
+			}
+			fr.data = fr.data[:need]
 			if err := fr.payload(h, fr.data[n:]); err != nil {
 				return clientFrame{}, err
 			}
@@ -108,7 +111,7 @@ func (fr *frameReader) next() (clientFrame, error) {
 
 // header reads and checks a frame's header, masking key included (RFC 6455, section 5.2).
 func (fr *frameReader) header() (frameHeader, error) {
-	var b [8]byte
+	b := fr.buf[:]
 	if _, err := io.ReadFull(fr.r, b[:2]); err != nil {
 		return frameHeader{}, err
 	}
@@ -140,9 +143,10 @@ func (fr *frameReader) header() (frameHeader, error) {
 			return h, failWith(1002, "payload length with the most significant bit set")
 		}
 	}
-	if _, err := io.ReadFull(fr.r, h.mask[:]); err != nil {
+	if _, err := io.ReadFull(fr.r, b[:4]); err != nil {
 		return h, unexpected(err)
 	}
+	copy(h.mask[:], b)
 	return h, nil
 }
 
@@ -151,7 +155,13 @@ func (fr *frameReader) payload(h frameHeader, p []byte) error {
 	if _, err := io.ReadFull(fr.r, p); err != nil {
 		return unexpected(err)
 	}
-	for i := range p {
+	key := uint64(binary.LittleEndian.Uint32(h.mask[:]))
+	key |= key << 32
+	i := 0
+	for ; i+8 <= len(p); i += 8 { // eight bytes at a time; i stays a multiple of 4
+		binary.LittleEndian.PutUint64(p[i:], binary.LittleEndian.Uint64(p[i:])^key)
+	}
+	for ; i < len(p); i++ {
 		p[i] ^= h.mask[i&3]
 	}
 	return nil

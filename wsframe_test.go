@@ -252,3 +252,31 @@ func FuzzFrameReader(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkFrameReader reads a 1 MiB text message sent in fragments of 4 KiB, as
+// gorilla/websocket's client sends it.
+func BenchmarkFrameReader(b *testing.B) {
+	msg := bytes.Repeat([]byte("x"), 1<<20)
+	var stream []byte
+	for i := 0; i < len(msg); i += 4096 {
+		head := byte(opContinuation)
+		if i == 0 {
+			head = opText
+		}
+		if i+4096 >= len(msg) {
+			head |= 0x80
+		}
+		stream = appendMasked(stream, head, msg[i:min(i+4096, len(msg))])
+	}
+	b.SetBytes(int64(len(msg)))
+	r := bytes.NewReader(stream)
+	br := bufio.NewReader(r)
+	for b.Loop() {
+		r.Reset(stream)
+		br.Reset(r)
+		fr := frameReader{r: br, max: len(msg)}
+		if f, err := fr.next(); err != nil || len(f.data) != len(msg) {
+			b.Fatalf("%d bytes, %v", len(f.data), err)
+		}
+	}
+}
