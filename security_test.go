@@ -529,6 +529,7 @@ func TestHostileInput(t *testing.T) {
 				break
 			}
 		}
+		u.c.Close() // as a client does once the server has closed its end: the server lingers until then
 		logs.wait(t, "session closed", 1, 10*time.Second)
 		assertGroupGone(t, pgid)
 	})

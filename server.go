@@ -54,7 +54,9 @@
 // sent by writeLoop like any other frame, as the session's last.
 //
 // A session frees its slot only after all of them have returned, and closes the connection
-// after that, so a client that sees the connection close may connect again at once.
+// after that, so a client that sees the connection close may connect again at once. After a
+// protocol error it first lingers (conn.linger): it half-closes and reads until the client
+// closes its end, for at most WriteWait, so that its close frame is not lost to a reset.
 package ccexecutor
 
 import (
@@ -330,6 +332,9 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 	// Free the slot before closing the connection, so that a client that sees the connection
 	// close can connect again at once.
 	s.sessions.remove(ss)
+	if ss.broken {
+		c.linger(s.cfg.WriteWait)
+	}
 	c.Close()
 	ss.log("session closed", "cause", context.Cause(ss.ctx))
 }
@@ -416,6 +421,16 @@ func (c *conn) deadline() error {
 		return net.ErrClosed
 	}
 	return nil
+}
+
+// linger half-closes the connection, then reads and drops what the client still sends until
+// it closes its end, for at most d. Closing with bytes unread would send a reset, which may
+// destroy the close frame before the client reads it.
+func (c *conn) linger(d time.Duration) {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+		c.Conn.SetReadDeadline(time.Now().Add(d))
+		io.Copy(io.Discard, c.in)
+	}
 }
 
 // abort makes the write in progress, if any, and every later write fail at once, without
@@ -698,6 +713,7 @@ type inFrame struct {
 	binary   bool
 	tooLarge bool
 	bye      *batch // if not nil, the session ends with this close frame as its last frame
+	failed   bool   // bye fails the connection: the client broke RFC 6455
 }
 
 // handle answers one frame from the client.

@@ -100,6 +100,7 @@ type session struct {
 	ended   chan runResult                // a finished run's result, from runToEnd to serve
 	run     *run                          // the run in progress, or nil; serve alone uses it
 	bye     *batch                        // the close frame that answers the client's, or fails the connection; serve's
+	broken  bool                          // bye fails the connection: serveConn lingers before closing it; serve's
 	wg      sync.WaitGroup                // the session's goroutines
 	log     func(msg string, args ...any) // logs with the session's id
 }
@@ -136,7 +137,7 @@ func (s *session) serve() {
 			case !ok:
 				s.cancel(errClientGone)
 			case f.bye != nil:
-				s.bye = f.bye // the client closed, or broke the protocol: the session ends
+				s.bye, s.broken = f.bye, f.failed // the client closed, or broke the protocol: the session ends
 				s.cancel(errClientGone)
 			default:
 				s.handle(f)
@@ -181,7 +182,7 @@ func (s *session) readLoop() {
 		switch {
 		case errors.As(err, &perr):
 			s.log("protocol error", "error", perr.reason)
-			in = inFrame{bye: closeFrame(perr.code, perr.reason)}
+			in = inFrame{bye: closeFrame(perr.code, perr.reason), failed: true}
 		case err != nil:
 			return
 		case f.op == opPing:

@@ -209,6 +209,21 @@ func TestRFC6455(t *testing.T) {
 		})
 	}
 
+	t.Run("protocol error with 60 KB unread behind it", func(t *testing.T) {
+		// Closing a socket with unread bytes sends a reset, which can destroy the close frame
+		// before the client reads it: the server half-closes and reads on until the client
+		// closes, and the client sees the close frame, then the end of the stream.
+		for range 5 {
+			c := dial(t, ts.addr)
+			c.connected()
+			c.rawWrite(append([]byte{finText, 126, 0xea, 0x60}, bytes.Repeat([]byte("x"), 60_000)...)) // unmasked
+			if before, p := c.untilClosed(); closeCode(p) != 1002 || len(before) != 0 {
+				t.Errorf("frames %q, then close %d; want nothing but close 1002", before, closeCode(p))
+			}
+			c.c.Close()
+		}
+	})
+
 	// The close handshake: a client's close frame is answered with its status, then the
 	// server closes the connection.
 	for _, row := range []struct {
