@@ -42,9 +42,9 @@
 //
 // Each session owns these goroutines, joined by its WaitGroup before its slot is freed:
 // serve, the handler's goroutine, which answers requests in order and owns the session's state;
-// readLoop, which reads the client's frames with frameReader and exits when a read fails (the
-// client left, or serve set a read deadline in the past), after the client's close frame, or at
-// a frame that breaks RFC 6455; writeLoop, the only writer of data frames, which exits when serve closes its queue, a
+// readLoop, which exits when a read fails (the client left, or serve set a read deadline in the
+// past), after the client's close frame, or at a protocol error (frameReader); writeLoop, the
+// only writer of data frames, which exits when serve closes its queue, a
 // write fails (every write has a deadline, WriteWait) or a Ping goes unanswered; and, while a
 // command runs, runToEnd, which exits once the process group is reaped, with its three:
 // process.wait and one pump per output stream, which exit at end of file or at the read
