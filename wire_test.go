@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -222,6 +223,19 @@ func TestRFC6455(t *testing.T) {
 			}
 			c.c.Close()
 		}
+	})
+
+	t.Run("lingering after a protocol error ends after the write deadline", func(t *testing.T) {
+		// A client that never closes its end holds the connection for WriteWait, no longer.
+		logs := newLogWatch()
+		ts := newTestServer(t, Config{WriteWait: 300 * time.Millisecond, Logger: slog.New(logs)})
+		c := dial(t, ts.addr)
+		c.connected()
+		c.rawWrite(wire(0x83, "reserved"))
+		if _, p := c.untilClosed(); closeCode(p) != 1002 {
+			t.Errorf("close %d; want 1002", closeCode(p))
+		}
+		logs.wait(t, "session closed", 1, 20*time.Second) // c stays open meanwhile
 	})
 
 	// The close handshake: a client's close frame is answered with its status, then the
