@@ -22,8 +22,8 @@ const fuzzProgram = "ccexecutor-fuzz-no-such-program"
 // fuzzMaxMessage is the fuzzed server's message limit, small so that inputs cross it.
 const fuzzMaxMessage = 4096
 
-// FuzzRequest sends one frame to a real session and checks that the server does not panic,
-// answers it with exactly one response that is a JSON-RPC error (no input can start a run),
+// FuzzRequest sends one message to a real session, in one frame or in fragments of fragment
+// bytes, and checks that the server does not panic, answers it with exactly one response that is a JSON-RPC error (no input can start a run),
 // echoes a string or number id as sent, and still answers a control request afterwards. The
 // seeds are in testdata/fuzz/FuzzRequest.
 func FuzzRequest(f *testing.F) {
@@ -32,9 +32,10 @@ func FuzzRequest(f *testing.F) {
 		`{"jsonrpc":"2.0","method":"control","params":{"type":"PAUSE"},"id":"x"}`,
 		`[{"method":"control"}]`,
 	} {
-		f.Add([]byte(s), false)
+		f.Add([]byte(s), false, uint16(0))
 	}
-	f.Add([]byte(`{"jsonrpc":"2.0","method":"control","params":{"type":"CANCEL"},"id":1}`), true)
+	f.Add([]byte(`{"jsonrpc":"2.0","method":"control","params":{"type":"CANCEL"},"id":1}`), true, uint16(0))
+	f.Add([]byte(`{"jsonrpc":"2.0","method":"control","params":{"type":"CANCEL"},"id":"frag"}`), false, uint16(7))
 
 	srv := NewServer(Config{
 		AllowedCommands: []string{fuzzProgram},
@@ -64,13 +65,29 @@ func FuzzRequest(f *testing.F) {
 	}
 
 	marker := int64(-7_000_000_000)
-	f.Fuzz(func(t *testing.T, frame []byte, binary bool) {
+	f.Fuzz(func(t *testing.T, frame []byte, binary bool, fragment uint16) {
 		c := &client{t: t, c: nc, br: br}
 		op := byte(0x1)
 		if binary {
 			op = 0x2
 		}
-		c.writeFrame(op, frame)
+		if fragment == 0 {
+			c.writeFrame(op, frame)
+		} else {
+			var b []byte
+			for rest := frame; ; op = 0x0 {
+				n := min(int(fragment), len(rest))
+				head := op
+				if n == len(rest) {
+					head |= 0x80
+				}
+				b = appendMasked(b, head, rest[:n])
+				if rest = rest[n:]; len(rest) == 0 {
+					break
+				}
+			}
+			c.rawWrite(b)
+		}
 		// An id the frame cannot know, so that its answer cannot be taken for the frame's.
 		marker--
 		c.send(fmt.Appendf(nil, `{"jsonrpc":"2.0","method":"control","params":{"type":"PAUSE"},"id":%d}`, marker))

@@ -44,16 +44,20 @@
 // Each session owns these goroutines, joined by its WaitGroup before its slot is freed:
 // serve, the handler's goroutine, which answers requests in order and owns the session's state;
 // readLoop, which exits when a read fails (the client left, or serve set a read deadline in the
-// past); writeLoop, the only writer of data frames, which exits when serve closes its queue, a
+// past), after the client's close frame, or at a protocol error (frameReader); writeLoop, the
+// only writer of data frames, which exits when serve closes its queue, a
 // write fails (every write has a deadline, WriteWait) or a Ping goes unanswered; and, while a
 // command runs, runToEnd, which exits once the process group is reaped, with its three:
 // process.wait and one pump per output stream, which exit at end of file or at the read
-// deadline set once the group is gone. The x/net/websocket reader may also write, to answer a
-// client's Ping; the connection's own lock (conn.mu, which guards nothing but the order of
-// writes) keeps those writes whole.
+// deadline set once the group is gone. readLoop may also write, to answer a client's Ping; the
+// connection's own lock (conn.mu, which guards nothing but the order of writes) keeps those
+// writes whole. The close frame that answers a client's close, or fails the connection, is
+// sent by writeLoop like any other frame, as the session's last.
 //
 // A session frees its slot only after all of them have returned, and closes the connection
-// after that, so a client that sees the connection close may connect again at once.
+// after that, so a client that sees the connection close may connect again at once. After a
+// protocol error it first lingers (conn.linger): it half-closes and reads until the client
+// closes its end, for at most WriteWait, so that its close frame is not lost to a reset.
 package ccexecutor
 
 import (
@@ -93,7 +97,7 @@ const (
 	MaxLineBytes    = 512 << 10        // longest output line sent whole; longer lines are cut
 	KillGrace       = 5 * time.Second  // time between SIGTERM and SIGKILL when a group is ended
 	WriteWait       = 10 * time.Second // time a frame may take to be written before the client counts as gone
-	MaxMessageBytes = 1 << 20          // largest inbound frame; a larger one is answered with -32600
+	MaxMessageBytes = 1 << 20          // largest inbound message, all fragments together; a larger one gets -32600
 	PingInterval    = 20 * time.Second // write silence after which the server sends a Ping
 )
 
@@ -317,12 +321,11 @@ func isLoopback(host string) bool {
 
 // serveConn serves one upgraded connection as a session, or refuses it when none can be admitted.
 func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
-	ws.MaxPayloadBytes = s.cfg.MaxMessageBytes
 	ss := &session{
 		id:      newUUID(),
 		srv:     s,
-		ws:      ws,
 		conn:    c,
+		remote:  ws.Request().RemoteAddr,
 		in:      make(chan inFrame),
 		out:     make(chan *batch, queueLen),
 		failed:  make(chan struct{}),
@@ -349,6 +352,9 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 	// Free the slot before closing the connection, so that a client that sees the connection
 	// close can connect again at once.
 	s.sessions.remove(ss)
+	if ss.broken {
+		c.linger(s.cfg.WriteWait)
+	}
 	c.Close()
 	ss.log("session closed", "cause", context.Cause(ss.ctx))
 }
@@ -378,8 +384,8 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	// Read through conn too, so that it sees every frame the client sends, Pongs included;
 	// what the server read ahead comes first.
 	ahead, _ := rw.Reader.Peek(rw.Reader.Buffered())
-	r := io.MultiReader(bytes.NewReader(bytes.Clone(ahead)), h.conn)
-	return h.conn, bufio.NewReadWriter(bufio.NewReader(r), bufio.NewWriter(h.conn)), nil
+	h.conn.in = bufio.NewReader(io.MultiReader(bytes.NewReader(bytes.Clone(ahead)), h.conn))
+	return h.conn, bufio.NewReadWriter(h.conn.in, bufio.NewWriter(h.conn)), nil
 }
 
 // conn is a hijacked connection. Its writes are serialized and each gets a fresh deadline: the
@@ -388,6 +394,7 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 type conn struct {
 	net.Conn
 	wait time.Duration
+	in   *bufio.Reader // reads from conn, read-ahead first: the handshake's reader, then readLoop's
 
 	mu       sync.Mutex   // serializes writes
 	aborted  atomic.Bool  // set by abort: every write fails from then on
@@ -434,6 +441,16 @@ func (c *conn) deadline() error {
 		return net.ErrClosed
 	}
 	return nil
+}
+
+// linger half-closes the connection, then reads and drops what the client still sends until
+// it closes its end, for at most d. Closing with bytes unread would send a reset, which may
+// destroy the close frame before the client reads it.
+func (c *conn) linger(d time.Duration) {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+		c.Conn.SetReadDeadline(time.Now().Add(d))
+		io.Copy(io.Discard, c.in)
+	}
 }
 
 // abort makes the write in progress, if any, and every later write fail at once, without
@@ -710,19 +727,13 @@ func processEvent(method, status string, pid int, exit *int, cause *string) *bat
 	}{status, pid, pid, exit, cause})
 }
 
-// inFrame is a frame received from the client.
+// inFrame is a message received from the client, or the end of its session.
 type inFrame struct {
 	data     []byte
 	binary   bool
 	tooLarge bool
-}
-
-// frameCodec receives frames as they are, noting their type.
-var frameCodec = websocket.Codec{
-	Unmarshal: func(data []byte, payloadType byte, v any) error {
-		*v.(*inFrame) = inFrame{data: data, binary: payloadType == websocket.BinaryFrame}
-		return nil
-	},
+	bye      *batch // if not nil, the session ends with this close frame as its last frame
+	failed   bool   // bye fails the connection: the client broke RFC 6455
 }
 
 // handle answers one frame from the client.

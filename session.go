@@ -7,8 +7,6 @@ import (
 	"os"
 	"sync"
 	"time"
-
-	"golang.org/x/net/websocket"
 )
 
 // Causes that end a run other than its own exit. Their text is the error of process.completed.
@@ -88,10 +86,10 @@ func (r *registry) len() int {
 // the connection's only writer; and, while a command runs, runToEnd with the goroutines it
 // starts. serve returns only after all of them have returned.
 type session struct {
-	id   string
-	srv  *Server
-	ws   *websocket.Conn
-	conn *conn
+	id     string
+	srv    *Server
+	conn   *conn
+	remote string // the client's address, for the log
 
 	ctx    context.Context         // done when the server shuts down or the session ends
 	cancel context.CancelCauseFunc // ends ctx with the reason the session ends
@@ -102,6 +100,8 @@ type session struct {
 	flushed chan struct{}                 // closed when writeLoop returns
 	ended   chan runResult                // a finished run's result, from runToEnd to serve
 	run     *run                          // the run in progress, or nil; serve alone uses it
+	bye     *batch                        // the close frame that answers the client's, or fails the connection; serve's
+	broken  bool                          // bye fails the connection: serveConn lingers before closing it; serve's
 	wg      sync.WaitGroup                // the session's goroutines
 	log     func(msg string, args ...any) // logs with the session's id
 }
@@ -134,10 +134,14 @@ func (s *session) serve() {
 	for s.ctx.Err() == nil {
 		select {
 		case f, ok := <-s.in:
-			if ok {
-				s.handle(f)
-			} else {
+			switch {
+			case !ok:
 				s.cancel(errClientGone)
+			case f.bye != nil:
+				s.bye, s.broken = f.bye, f.failed // the client closed, or broke the protocol: the session ends
+				s.cancel(errClientGone)
+			default:
+				s.handle(f)
 			}
 		case res := <-s.ended:
 			s.finish(res)
@@ -147,7 +151,7 @@ func (s *session) serve() {
 		}
 	}
 	cause := context.Cause(s.ctx)
-	if cause == errClientGone {
+	if cause == errClientGone && s.bye == nil {
 		s.conn.abort() // nobody to say goodbye to: fail any write at once
 	}
 	if s.run != nil {
@@ -157,26 +161,49 @@ func (s *session) serve() {
 	if cause == errShutdown {
 		s.send(closeFrame(1001, "Server shutting down"))
 	}
+	if s.bye != nil {
+		s.send(s.bye) // the last frame; serveConn closes the connection once it is written
+	}
 	close(s.out)
 	<-s.flushed                             // every queued frame is written, or a write failed
 	s.conn.SetReadDeadline(time.Unix(1, 0)) // stops readLoop without closing: see serveConn
 	s.wg.Wait()
 }
 
-// readLoop hands every frame the client sends to serve, until a read fails.
+// readLoop hands every message the client sends to serve, and answers its Pings, until a read
+// fails, the client sends a close frame or breaks the protocol. The last two are handed to
+// serve as the close frame to answer with.
 func (s *session) readLoop() {
 	defer close(s.in)
+	fr := frameReader{r: s.conn.in, max: s.srv.cfg.MaxMessageBytes}
 	for {
-		var f inFrame
-		err := frameCodec.Receive(s.ws, &f)
-		if errors.Is(err, websocket.ErrFrameTooLarge) {
-			f = inFrame{tooLarge: true}
-		} else if err != nil {
+		var in inFrame
+		f, err := fr.next()
+		var perr *protocolError
+		switch {
+		case errors.As(err, &perr):
+			s.log("protocol error", "error", perr.reason)
+			in = inFrame{bye: closeFrame(perr.code, perr.reason), failed: true}
+		case err != nil:
 			return
+		case f.op == opPing:
+			if _, err := s.conn.Write(appendFrame(nil, opPong, f.data)); err != nil {
+				return
+			}
+			continue
+		case f.op == opPong:
+			continue // conn.Read noted it for the keep-alive
+		case f.op == opClose:
+			in = inFrame{bye: closeFrame(f.code, "")}
+		default:
+			in = inFrame{data: f.data, binary: f.op == opBinary, tooLarge: f.tooLarge}
 		}
 		select {
-		case s.in <- f:
+		case s.in <- in:
 		case <-s.ctx.Done():
+			return
+		}
+		if in.bye != nil {
 			return
 		}
 	}
@@ -199,7 +226,7 @@ func (s *session) execute(id json.RawMessage, params json.RawMessage) {
 	if rerr != nil {
 		if rerr.Code == codeNotAllowed {
 			s.srv.refused.warn("command refused", "command not allowed", "session", s.id,
-				"remote", s.ws.Request().RemoteAddr, "error", loggedText(rerr.Message), "command", loggedText(req.line))
+				"remote", s.remote, "error", loggedText(rerr.Message), "command", loggedText(req.line))
 		}
 		s.send(errorResponse(id, rerr))
 		return

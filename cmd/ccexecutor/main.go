@@ -70,7 +70,7 @@ func serve(args []string) int {
 	fs.Var(seconds{&cfg.StreamTimeout}, "stream-timeout", "time a run may take, in seconds or as a Go duration (env STREAM_TIMEOUT) (default 5m0s)")
 	fs.IntVar(&cfg.MaxLineBytes, "max-line-bytes", ccexecutor.MaxLineBytes, "longest output line sent whole (env MAX_LINE_BYTES)")
 	fs.Var(seconds{&cfg.KillGrace}, "kill-grace", "time between SIGTERM and SIGKILL (env KILL_GRACE) (default 5s)")
-	fs.IntVar(&cfg.MaxMessageBytes, "max-message-bytes", ccexecutor.MaxMessageBytes, "largest inbound frame (env MAX_MESSAGE_BYTES)")
+	fs.IntVar(&cfg.MaxMessageBytes, "max-message-bytes", ccexecutor.MaxMessageBytes, "largest inbound message (env MAX_MESSAGE_BYTES)")
 	fs.Var(seconds{&cfg.PingInterval}, "ping-interval", "write silence before a keep-alive Ping (env PING_INTERVAL) (default 20s)")
 	fs.Var(seconds{&cfg.WriteWait}, "write-wait", "time a frame may take to be written (env WRITE_WAIT) (default 10s)")
 	fs.StringVar(&cfg.Token, "token", "", "token clients must present (env CC_EXECUTOR_TOKEN)")
