@@ -237,8 +237,11 @@ func flood(o benchOptions, clients []*client, rep *benchReport) error {
 	defer t.Stop()
 	for ; time.Since(start) < o.noRead; <-t.C {
 		if o.serverPID > 0 {
+			// The kernel's RSS counters are per-CPU approximations, so a VmHWM read can trail
+			// an earlier VmRSS read: the high-water mark is at least every RSS seen.
 			rss, hwm := memory(o.serverPID)
-			rep.RSSKB, rep.HWMKB = max(rep.RSSKB, rss), hwm
+			rep.RSSKB = max(rep.RSSKB, rss)
+			rep.HWMKB = max(rep.HWMKB, hwm, rep.RSSKB)
 		}
 		if rep.EndedAfterS == 0 && activeSessions(hc, health) == 0 {
 			rep.EndedAfterS = time.Since(start).Seconds()
