@@ -126,6 +126,12 @@ type Config struct {
 	// Logger receives a line per session opened and closed and per run started and ended.
 	// Nil means slog.Default().
 	Logger *slog.Logger
+	// Cgroup says how runs are contained. CgroupAuto (or empty) starts each run in a cgroup v2
+	// of its own under the server's cgroup when the hierarchy is writable, and in a process
+	// group only otherwise; CgroupOff uses process groups only; anything else is the parent
+	// cgroup to use, as a directory or a path in the cgroup v2 hierarchy, and if it cannot be
+	// used no run starts (see Server.Containment).
+	Cgroup string
 }
 
 // A Server is the ccexecutor service as an http.Handler: WebSocket sessions on /ws/mcp and /ws,
@@ -140,6 +146,9 @@ type Server struct {
 	cancel context.CancelCauseFunc // Shutdown cancels ctx with errShutdown
 
 	sessions registry
+
+	cgroups     *cgroups // where runs' cgroups are made; nil for process groups only
+	containment string   // "cgroup" or "process-group", for /health
 }
 
 // NewServer returns a Server with the configuration cfg.
@@ -162,6 +171,7 @@ func NewServer(cfg Config) *Server {
 		sessions: registry{max: cfg.MaxSessions, sessions: map[*session]struct{}{}, drained: make(chan struct{})},
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
+	s.contain()
 	s.mux.HandleFunc("GET /health", s.health)
 	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
@@ -169,6 +179,36 @@ func NewServer(cfg Config) *Server {
 	s.mux.HandleFunc("/ws/mcp", s.serveWebSocket)
 	s.mux.HandleFunc("/ws", s.serveWebSocket)
 	return s
+}
+
+// contain decides how runs are contained, logs it, and ends and removes what runs of a server
+// killed before it could end them left behind.
+func (s *Server) contain() {
+	cg, why := openCgroups(s.cfg.Cgroup)
+	s.cgroups, s.containment = cg, "process-group"
+	switch {
+	case cg == nil:
+		s.log.Info("containment: process groups; a process that calls setsid escapes them", "why", why)
+	case cg.err != nil:
+		s.log.Error("containment: no run can start", "err", cg.err)
+	default:
+		s.containment = "cgroup"
+		s.log.Info("containment: cgroup v2", "why", why)
+		n, err := cg.sweep()
+		if n > 0 || err != nil {
+			s.log.Warn("containment: ended the runs a previous server left behind", "cgroups", n, "err", err)
+		}
+	}
+}
+
+// Containment reports how the server contains its runs: "cgroup" or "process-group". When
+// Config.Cgroup names a parent cgroup that cannot be used, it returns the error, and every
+// execute fails.
+func (s *Server) Containment() (string, error) {
+	if s.cgroups != nil && s.cgroups.err != nil {
+		return "", s.cgroups.err
+	}
+	return s.containment, nil
 }
 
 func orDefault[T int | time.Duration](v *T, def T) {
@@ -216,6 +256,7 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 		"active_sessions": s.sessions.len(),
 		"max_sessions":    s.cfg.MaxSessions,
 		"uptime_seconds":  math.Round(time.Since(s.started).Seconds()*1000) / 1000,
+		"containment":     s.containment,
 	})
 }
 
