@@ -292,7 +292,11 @@ func (c *cgroup) freeze(on bool, wait time.Duration) error {
 	if err := c.write("cgroup.freeze", "1"); err != nil {
 		return err
 	}
-	return c.watch(time.Now().Add(wait), func(_, frozen bool) bool { return frozen })
+	err := c.watch(time.Now().Add(wait), func(_, frozen bool) bool { return frozen })
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return fmt.Errorf("cgroup %s not frozen within %v", c.dir, wait)
+	}
+	return err
 }
 
 // remove waits until no process is left in c, then removes it and its descendants. Someone

@@ -30,6 +30,12 @@
 // disconnect, shutdown or its own exit, goes through supervise, which ends the whole group with
 // SIGTERM, SIGCONT and SIGKILL after the kill grace, and through process.wait, which reaps it;
 // the session joins every goroutine before it frees its slot. TestCancellationCleanup proves it.
+// A process group is not a container, though: a process that calls setsid leaves it. Where
+// cgroup v2 is writable (Config.Cgroup, cgroup.go), each run therefore starts in a cgroup of its
+// own, and the group supervise ends is that cgroup: SIGTERM and SIGCONT to each of its
+// processes, cgroup.kill after the grace, and the run is over once cgroup.events says it is
+// empty; PAUSE freezes it. TestContainment proves it for escapees of every kind and every end
+// of a run, and TestContainmentLeftovers that a new server ends the runs a killed one left.
 //
 // # Concurrency
 //
@@ -46,8 +52,10 @@
 // past); writeLoop, the only writer of data frames, which exits when serve closes its queue, a
 // write fails (every write has a deadline, WriteWait) or a Ping goes unanswered; and, while a
 // command runs, runToEnd, which exits once the process group is reaped, with its three:
-// process.wait and one pump per output stream, which exit at end of file or at the read
-// deadline set once the group is gone. The x/net/websocket reader may also write, to answer a
+// process.wait, which with containment also waits (on inotify, no timer) until the run's cgroup
+// is empty, then removes it; and one pump per output stream, which exit at end of file or at
+// the read deadline set once the group is gone (with containment no writer outlives the
+// cgroup, so only a slow drain can meet that deadline; see process.contained). The x/net/websocket reader may also write, to answer a
 // client's Ping; the connection's own lock (conn.mu, which guards nothing but the order of
 // writes) keeps those writes whole.
 //
