@@ -242,12 +242,7 @@ type cgroup struct {
 func (c *cgroup) signal(sig syscall.Signal) error {
 	switch sig {
 	case syscall.SIGKILL:
-		if err := c.write("cgroup.kill", "1"); errors.Is(err, fs.ErrNotExist) {
-			return syscall.ESRCH // removed: a leftover of a dead server that was already empty
-		} else if err != nil {
-			return err
-		}
-		return nil
+		return c.write("cgroup.kill", "1")
 	case 0:
 		populated, _, err := c.events()
 		if err == nil && !populated {
@@ -264,11 +259,11 @@ func (c *cgroup) signal(sig syscall.Signal) error {
 	sent := 0
 	err := filepath.WalkDir(c.dir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil || !d.IsDir() {
-			return err
+			return gone(err)
 		}
 		b, err := os.ReadFile(filepath.Join(path, "cgroup.procs"))
 		if err != nil {
-			return err
+			return gone(err)
 		}
 		for f := range strings.FieldsSeq(string(b)) {
 			if pid, err := strconv.Atoi(f); err == nil && syscall.Kill(pid, sig) == nil {
@@ -302,7 +297,10 @@ func (c *cgroup) freeze(on bool, wait time.Duration) error {
 // remove waits until no process is left in c, then removes it and its descendants. Someone
 // must end the processes: supervise does, for a run.
 func (c *cgroup) remove() error {
-	if err := c.watch(time.Time{}, func(populated, _ bool) bool { return !populated }); err != nil {
+	err := c.watch(time.Time{}, func(populated, _ bool) bool { return !populated })
+	if errors.Is(err, syscall.ESRCH) {
+		return nil // removed already
+	} else if err != nil {
 		return err
 	}
 	var dirs []string
@@ -325,6 +323,11 @@ func (c *cgroup) remove() error {
 // The kernel reports a change of cgroup.events as a modification of the file, which inotify
 // sees, so watch sleeps until then.
 func (c *cgroup) watch(deadline time.Time, done func(populated, frozen bool) bool) error {
+	// Most often there is nothing to wait for; an inotify instance costs a few milliseconds to
+	// close (the kernel waits for a grace period), so look first.
+	if populated, frozen, err := c.events(); err != nil || done(populated, frozen) {
+		return err
+	}
 	fd, err := syscall.InotifyInit1(syscall.IN_CLOEXEC | syscall.IN_NONBLOCK)
 	if err != nil {
 		return fmt.Errorf("inotify: %w", err)
@@ -332,10 +335,7 @@ func (c *cgroup) watch(deadline time.Time, done func(populated, frozen bool) boo
 	f := os.NewFile(uintptr(fd), "inotify") // non-blocking, so that reads park in the poller
 	defer f.Close()
 	if _, err := syscall.InotifyAddWatch(fd, filepath.Join(c.dir, "cgroup.events"), syscall.IN_MODIFY); err != nil {
-		if err == syscall.ENOENT {
-			return nil // already removed, so empty
-		}
-		return fmt.Errorf("watch cgroup.events: %w", err)
+		return fmt.Errorf("watch cgroup.events: %w", gone(err))
 	}
 	f.SetReadDeadline(deadline)
 	buf := make([]byte, 4096)
@@ -355,7 +355,7 @@ func (c *cgroup) watch(deadline time.Time, done func(populated, frozen bool) boo
 func (c *cgroup) events() (populated, frozen bool, err error) {
 	b, err := os.ReadFile(filepath.Join(c.dir, "cgroup.events"))
 	if err != nil {
-		return false, false, err
+		return false, false, gone(err)
 	}
 	for line := range strings.Lines(string(b)) {
 		switch strings.TrimSpace(line) {
@@ -370,5 +370,14 @@ func (c *cgroup) events() (populated, frozen bool, err error) {
 
 // write writes one of c's control files.
 func (c *cgroup) write(file, value string) error {
-	return os.WriteFile(filepath.Join(c.dir, file), []byte(value), 0)
+	return gone(os.WriteFile(filepath.Join(c.dir, file), []byte(value), 0))
+}
+
+// gone turns the error of a cgroup that no longer exists into ESRCH, as for a process group:
+// the run is over, and its cgroup has been removed.
+func gone(err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return syscall.ESRCH
+	}
+	return err
 }
