@@ -135,7 +135,7 @@ func TestContainment(t *testing.T) {
 		{"CANCEL", nil, "canceled", "; sleep 300", func(t *testing.T, ts *testServer, c *client) {
 			c.call("control", map[string]any{"type": "CANCEL"})
 		}},
-		{"stream timeout", map[string]any{"timeout": 2}, "stream timeout after 2s", "; sleep 300", nil},
+		{"stream timeout", map[string]any{"timeout": 1}, "stream timeout after 1s", "; sleep 300", nil},
 		{"natural end", nil, "", "", nil},
 		{"client disconnect", nil, "", "; sleep 300", func(t *testing.T, ts *testServer, c *client) {
 			c.close()

@@ -136,9 +136,9 @@ type Config struct {
 	Logger *slog.Logger
 	// Cgroup says how runs are contained. CgroupAuto (or empty) starts each run in a cgroup v2
 	// of its own under the server's cgroup when the hierarchy is writable, and in a process
-	// group only otherwise; CgroupOff uses process groups only; anything else is the parent
-	// cgroup to use, as a directory or a path in the cgroup v2 hierarchy, and if it cannot be
-	// used no run starts (see Server.Containment).
+	// group only otherwise; CgroupOff uses process groups only; anything else is the directory
+	// of the parent cgroup to use (such as /sys/fs/cgroup/ccexecutor), and if it cannot be used
+	// no run starts (see Server.Containment).
 	Cgroup string
 }
 
