@@ -101,7 +101,7 @@ func (cg *cgroups) probe() error {
 	if err != nil {
 		return err
 	}
-	defer c.remove()
+	defer c.remove(time.Time{})
 	if _, err := os.Stat(filepath.Join(c.dir, "cgroup.kill")); err != nil {
 		return fmt.Errorf("no cgroup.kill (Linux 5.14 or later is needed): %w", err)
 	}
@@ -182,8 +182,9 @@ func startTime(pid int) (uint64, error) {
 }
 
 // sweep ends and removes the run cgroups under cg.dir that a server no longer running left
-// behind, as one killed with SIGKILL does, and returns how many it found.
-func (cg *cgroups) sweep() (int, error) {
+// behind, as one killed with SIGKILL does, and returns how many it found. It waits up to wait
+// for each to be empty.
+func (cg *cgroups) sweep(wait time.Duration) (int, error) {
 	entries, err := os.ReadDir(cg.dir)
 	if err != nil {
 		return 0, err
@@ -197,7 +198,7 @@ func (cg *cgroups) sweep() (int, error) {
 		found++
 		c := &cgroup{dir: filepath.Join(cg.dir, e.Name())}
 		c.signal(syscall.SIGKILL)
-		errs = append(errs, c.remove())
+		errs = append(errs, c.remove(time.Now().Add(wait)))
 	}
 	return found, errors.Join(errs...)
 }
@@ -295,9 +296,10 @@ func (c *cgroup) freeze(on bool, wait time.Duration) error {
 }
 
 // remove waits until no process is left in c, then removes it and its descendants. Someone
-// must end the processes: supervise does, for a run.
-func (c *cgroup) remove() error {
-	err := c.watch(time.Time{}, func(populated, _ bool) bool { return !populated })
+// must end the processes: supervise does, for a run. It gives up at deadline, unless that is
+// zero.
+func (c *cgroup) remove(deadline time.Time) error {
+	err := c.watch(deadline, func(populated, _ bool) bool { return !populated })
 	if errors.Is(err, syscall.ESRCH) {
 		return nil // removed already
 	} else if err != nil {

@@ -368,7 +368,7 @@ func TestContainmentLeftovers(t *testing.T) {
 		t.Errorf("leftover %s is still there: %v", dead, err)
 		c := cgroup{dir: dead}
 		c.signal(syscall.SIGKILL)
-		c.remove()
+		c.remove(time.Time{})
 	}
 	if err := <-exited; err == nil || !strings.Contains(err.Error(), "killed") {
 		t.Errorf("the leftover's process: %v, want killed", err)

@@ -71,7 +71,7 @@ func start(c command) (*process, error) {
 	}
 	p, err := startIn(c, cg)
 	if err != nil && cg != nil {
-		cg.remove() // empty: nothing started in it
+		cg.remove(time.Time{}) // empty: nothing started in it
 	}
 	return p, err
 }
@@ -152,7 +152,7 @@ func (p *process) wait() {
 		}
 	}
 	if p.cg != nil {
-		p.err = errors.Join(p.err, p.cg.remove())
+		p.err = errors.Join(p.err, p.cg.remove(time.Time{}))
 	}
 	close(p.empty)
 }

@@ -202,7 +202,7 @@ func (s *Server) contain() {
 	default:
 		s.containment = "cgroup"
 		s.log.Info("containment: cgroup v2", "why", why)
-		n, err := cg.sweep()
+		n, err := cg.sweep(s.cfg.KillGrace)
 		if n > 0 || err != nil {
 			s.log.Warn("containment: ended the runs a previous server left behind", "cgroups", n, "err", err)
 		}
