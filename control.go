@@ -5,10 +5,10 @@ import (
 	"syscall"
 )
 
-// controlAction returns what a control type does: the signal it sends to the run's group,
-// which a contained run gets as a freeze or a thaw instead (none for CANCEL, which ends the
-// run through its context) and the state that the result and the
-// notification report. ok is false for anything but the three types.
+// controlAction returns what a control type does: the signal it sends to the run's group, which
+// a contained run gets as a freeze or a thaw instead (none for CANCEL, which ends the run
+// through its context), and the state that the result and the notification report. ok is
+// false for anything but the three types.
 func controlAction(typ string) (sig syscall.Signal, status string, ok bool) {
 	switch typ {
 	case "PAUSE":
@@ -43,9 +43,9 @@ func parseControl(params json.RawMessage) (string, *rpcError) {
 }
 
 // control answers a control request. PAUSE and RESUME freeze and thaw the run's cgroup, or
-// signal its whole process group when it has no cgroup (see process.pause); CANCEL
-// ends the run through its context, so that cancel goes through the same end of a run as every
-// other cause (see supervise). The answer is queued before CANCEL takes effect, so the client
+// signal its whole process group when it has none (see process.pause); CANCEL ends the run
+// through its context, so that cancel goes through the same end of a run as every other cause
+// (see supervise). The answer is queued before CANCEL takes effect, so the client
 // always sees the result and process.canceled before process.completed.
 func (s *session) control(id json.RawMessage, params json.RawMessage) {
 	typ, rerr := parseControl(params)

@@ -55,7 +55,9 @@ type process struct {
 
 	leader chan struct{} // closed by wait once the leader is reaped
 	empty  chan struct{} // closed by wait once no member of the group is left to reap
-	err    error         // why the leader could not be waited for, set before leader is closed; and why the cgroup could not be removed, before empty is
+	// err is why the leader could not be waited for, set before leader is closed, joined with
+	// why the run's cgroup could not be removed, set before empty is closed.
+	err error
 }
 
 // start starts c in a new process group, with stdin /dev/null and stdout and stderr on pipes.
@@ -206,15 +208,16 @@ func (p *process) pause(on bool, wait time.Duration) error {
 type group interface {
 	signal(sig syscall.Signal) error // sends sig to every member; 0 tests whether any is left
 	exited() <-chan struct{}         // closed once the leader has exited and been reaped
-	reaped() <-chan struct{}         // closed once every member that can be reaped has been, and the cgroup is empty
+	reaped() <-chan struct{}         // closed once every member that can be reaped has been and the cgroup is empty
 }
 
 // supervise waits until the group's leader exits or ctx is done, then ends the group: SIGTERM
 // and SIGCONT to every member (a stopped or frozen process must run to act on SIGTERM), and
 // SIGKILL once grace has passed if any member is left. For a contained run the members are the
-// processes of its cgroup, escaped ones included, and the SIGKILL is cgroup.kill. It returns once the group is reaped, with ctx's cause
-// if ctx ended the run, or nil if the leader exited by itself. Members that outlive the leader
-// are ended the same way, so a run never leaves a process behind.
+// processes of its cgroup, escaped ones included, and the SIGKILL is cgroup.kill. It returns
+// once the group is reaped, with ctx's cause if ctx ended the run, or nil if the leader exited
+// by itself. Members that outlive the leader are ended the same way, so a run never leaves a
+// process behind.
 func supervise(ctx context.Context, g group, grace time.Duration) error {
 	var cause error
 	select {
