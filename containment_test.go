@@ -2,9 +2,11 @@ package ccexecutor
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -159,7 +161,9 @@ func TestContainment(t *testing.T) {
 				t.Run(mode+"/"+cmd.name+"/"+end.name, func(t *testing.T) {
 					t.Parallel()
 					ts := newTestServer(t, Config{KillGrace: 200 * time.Millisecond, Cgroup: mode})
-					contained := ts.containment == "cgroup"
+					contained := mode == CgroupAuto
+					checkContainment(t, ts, contained)
+					sessionEnds := end.name == "client disconnect" || end.name == "Shutdown"
 					c := dial(t, ts.addr)
 					c.connected()
 					_, first := c.start(cmd.command+end.tail, end.params)
@@ -182,11 +186,11 @@ func TestContainment(t *testing.T) {
 					if end.end != nil {
 						end.end(t, ts, c)
 					}
-					if end.name != "client disconnect" && end.name != "Shutdown" {
+					if !sessionEnds {
 						done, before := c.until("process.completed")
 						checkCompleted(t, ts, done, before, end.cause)
-					}
-					if n := ts.sessions.len(); end.name == "client disconnect" && n != 0 {
+					} else if n := ts.sessions.len(); n != 0 {
+						// The server closed the connection only after the session ended.
 						t.Errorf("sessions = %d after the session ended, want 0", n)
 					}
 					if !contained {
@@ -203,8 +207,8 @@ func TestContainment(t *testing.T) {
 						t.Errorf("the run's cgroup %s is still there: %v", dir, err)
 					}
 					reapSession(t, sid)
-					if end.name != "client disconnect" && end.name != "Shutdown" {
-						c.assertWorks() // the slot is free, and no second process.completed came
+					if !sessionEnds {
+						c.assertWorks() // the session is free again, and no second process.completed came
 					}
 				})
 			}
@@ -216,7 +220,8 @@ func TestContainment(t *testing.T) {
 		t.Run(mode+"/PAUSE and RESUME reach an escapee", func(t *testing.T) {
 			t.Parallel()
 			ts := newTestServer(t, Config{KillGrace: 200 * time.Millisecond, Cgroup: mode})
-			contained := ts.containment == "cgroup"
+			contained := mode == CgroupAuto
+			checkContainment(t, ts, contained)
 			c := dial(t, ts.addr)
 			c.connected()
 			// The escapee prints its PID, then counts, writing each number to a file before it
@@ -299,6 +304,24 @@ func TestContainment(t *testing.T) {
 			}
 			assertDead(t, sid)
 		})
+	}
+}
+
+// checkContainment checks that ts contains runs in cgroups if contained, and says so.
+func checkContainment(t *testing.T, ts *testServer, contained bool) {
+	t.Helper()
+	want := map[bool]string{true: "cgroup", false: "process-group"}[contained]
+	if got, err := ts.Containment(); got != want || err != nil {
+		t.Fatalf("Containment() = %q, %v; want %q", got, err, want)
+	}
+	resp, err := http.Get(ts.hs.URL + "/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var h struct{ Containment string }
+	if err := json.NewDecoder(resp.Body).Decode(&h); err != nil || h.Containment != want {
+		t.Errorf("/health containment = %q, %v; want %q", h.Containment, err, want)
 	}
 }
 
