@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -112,6 +114,18 @@ func TestCgroupFlag(t *testing.T) {
 			checkNoPanic(t, res.stderr)
 		})
 	}
+	// Each start says once which containment it uses, and why.
+	for _, row := range []struct{ args, want string }{
+		{"off", `msg="containment: process groups; a process that calls setsid escapes them" why="turned off by configuration"`},
+		{parent, `msg="containment: cgroup v2" why="runs start in cgroups under ` + parent + `"`},
+	} {
+		s := startServe(t, serveEnv(), "--addr", "127.0.0.1:0", "--cgroup", row.args)
+		s.cmd.Process.Signal(syscall.SIGTERM)
+		<-s.exited
+		if log := s.stderr.String(); strings.Count(log, "containment:") != 1 || !strings.Contains(log, row.want) {
+			t.Errorf("--cgroup %s: log\n%s\nwant one line with %s", row.args, log, row.want)
+		}
+	}
 	t.Run("-h", func(t *testing.T) {
 		if res := runServe(t, serveEnv(), "-h"); !strings.Contains(res.stderr, "  -cgroup ") {
 			t.Errorf("-h does not show -cgroup:\n%s", res.stderr)
@@ -167,4 +181,62 @@ func subdirs(dir string) []string {
 		}
 	}
 	return dirs
+}
+
+// TestCgroupFallback checks that auto falls back to process groups where the server may not
+// write to its cgroup, here as user nobody, and says why; a parent named on the command line
+// that it may not write to stops the start instead.
+func TestCgroupFallback(t *testing.T) {
+	parent := cgroupParent(t)
+	if os.Getuid() != 0 {
+		t.Skip("needs root, to run the server as nobody")
+	}
+	// The test binary's directory is private: give nobody a copy it may run.
+	dir, err := os.MkdirTemp("", "ccexecutor-nobody-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	bin, err := os.ReadFile(binPath)
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, "ccexecutor"), bin, 0o755)
+	}
+	if err == nil {
+		err = os.Chmod(dir, 0o755)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	nobody := &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+
+	cmd := exec.Command(filepath.Join(dir, "ccexecutor"), "--addr", "127.0.0.1:0")
+	cmd.Env, cmd.SysProcAttr, cmd.Dir = serveEnv(), nobody, dir
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line, _ := bufio.NewReader(out).ReadString('\n')
+	addr, ok := strings.CutPrefix(strings.TrimSpace(line), "ccexecutor listening on ws://")
+	if ok {
+		if got := containment(t, strings.TrimSuffix(addr, "/ws/mcp")); got != "process-group" {
+			t.Errorf("/health containment = %q as nobody, want process-group", got)
+		}
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	cmd.Wait()
+	if !ok || !strings.Contains(stderr.String(), "containment: process groups") || !strings.Contains(stderr.String(), "permission denied") {
+		t.Errorf("as nobody: first line %q, log:\n%s\nwant a fallback to process groups, and why", line, &stderr)
+	}
+
+	cmd = exec.Command(filepath.Join(dir, "ccexecutor"), "--addr", "127.0.0.1:0", "--cgroup", parent)
+	cmd.Env, cmd.SysProcAttr, cmd.Dir = serveEnv(), nobody, dir
+	res, err := cmd.CombinedOutput()
+	if code := cmd.ProcessState.ExitCode(); code != 2 || !strings.Contains(string(res), "ccexecutor: cgroup "+parent) {
+		t.Errorf("as nobody with --cgroup %s: exit status %d, %v, output:\n%s\nwant status 2 and the cgroup named", parent, code, err, res)
+	}
 }
