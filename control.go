@@ -5,9 +5,10 @@ import (
 	"syscall"
 )
 
-// controlAction returns what a control type does: the signal it sends to the run's group (none
-// for CANCEL, which ends the run through its context) and the state that the result and the
-// notification report. ok is false for anything but the three types.
+// controlAction returns what a control type does: the signal it sends to the run's group, which
+// a contained run gets as a freeze or a thaw instead (none for CANCEL, which ends the run
+// through its context), and the state that the result and the notification report. ok is
+// false for anything but the three types.
 func controlAction(typ string) (sig syscall.Signal, status string, ok bool) {
 	switch typ {
 	case "PAUSE":
@@ -41,9 +42,10 @@ func parseControl(params json.RawMessage) (string, *rpcError) {
 	return typ, nil
 }
 
-// control answers a control request. PAUSE and RESUME signal the whole process group; CANCEL
-// ends the run through its context, so that cancel goes through the same end of a run as every
-// other cause (see supervise). The answer is queued before CANCEL takes effect, so the client
+// control answers a control request. PAUSE and RESUME freeze and thaw the run's cgroup, or
+// signal its whole process group when it has none (see process.pause); CANCEL ends the run
+// through its context, so that cancel goes through the same end of a run as every other cause
+// (see supervise). The answer is queued before CANCEL takes effect, so the client
 // always sees the result and process.canceled before process.completed.
 func (s *session) control(id json.RawMessage, params json.RawMessage) {
 	typ, rerr := parseControl(params)
@@ -60,7 +62,7 @@ func (s *session) control(id json.RawMessage, params json.RawMessage) {
 	// ESRCH means the group has already ended and its completion is on its way: there is
 	// nothing left to pause or resume, which is success.
 	if sig != 0 {
-		if err := p.signal(sig); err != nil && err != syscall.ESRCH {
+		if err := p.pause(sig == syscall.SIGSTOP, s.srv.cfg.KillGrace); err != nil && err != syscall.ESRCH {
 			s.send(errorResponse(id, &rpcError{codeInternal, "Internal error: signal group: " + err.Error()}))
 			return
 		}

@@ -36,9 +36,12 @@ type command struct {
 	args []string // argv; args[0] is looked up in the server's PATH
 	dir  string   // working directory; empty means the server's
 	env  []string // the whole environment, "KEY=value"
+
+	cgroups *cgroups // where the run's cgroup is created; nil to run in a process group only
 }
 
-// process is a command running as the leader of its own process group.
+// process is a command running as the leader of its own process group, and, when it is
+// contained, in a cgroup of its own, which holds every process the command starts.
 //
 // Its lifecycle follows os/exec: start it, always call wait (in a goroutine of its own) and end
 // (see supervise), and close the pipes only after the readers are done with them.
@@ -47,14 +50,44 @@ type process struct {
 	stdout *os.File // read end of the child's stdout
 	stderr *os.File // read end of the child's stderr
 	cmd    *exec.Cmd
+	cg     *cgroup // the run's cgroup, or nil
 
 	leader chan struct{} // closed by wait once the leader is reaped
 	empty  chan struct{} // closed by wait once no member of the group is left to reap
-	err    error         // why the leader could not be waited for; set before leader is closed
+	// err is why the leader could not be waited for, set before leader is closed, joined with
+	// why the run's cgroup could not be removed, set before empty is closed.
+	err error
 }
 
 // start starts c in a new process group, with stdin /dev/null and stdout and stderr on pipes.
+// With c.cgroups, it starts it directly in a new cgroup (clone3 CLONE_INTO_CGROUP), so that no
+// process of the run ever runs outside it.
 func start(c command) (*process, error) {
+	var cg *cgroup
+	if c.cgroups != nil {
+		var err error
+		if cg, err = c.cgroups.create(); err != nil {
+			return nil, err
+		}
+	}
+	p, err := startIn(c, cg)
+	if err != nil && cg != nil {
+		cg.remove(time.Time{}) // empty: nothing started in it
+	}
+	return p, err
+}
+
+// startIn is start with the cgroup, if any, made.
+func startIn(c command, cg *cgroup) (*process, error) {
+	attr := &syscall.SysProcAttr{Setpgid: true}
+	if cg != nil {
+		d, err := os.Open(cg.dir)
+		if err != nil {
+			return nil, fmt.Errorf("open cgroup: %w", err)
+		}
+		defer d.Close() // needed only by clone3
+		attr.UseCgroupFD, attr.CgroupFD = true, int(d.Fd())
+	}
 	outR, outW, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("stdout pipe: %w", err)
@@ -72,7 +105,7 @@ func start(c command) (*process, error) {
 	// *os.File writers go to the child as they are: no copying goroutine, and Wait leaves the
 	// read ends to us, so output can still be drained after the leader has exited.
 	cmd.Stdout, cmd.Stderr = outW, errW
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.SysProcAttr = attr
 	err = cmd.Start()
 	outW.Close()
 	errW.Close()
@@ -86,6 +119,7 @@ func start(c command) (*process, error) {
 		stdout: outR,
 		stderr: errR,
 		cmd:    cmd,
+		cg:     cg,
 		leader: make(chan struct{}),
 		empty:  make(chan struct{}),
 	}, nil
@@ -101,8 +135,9 @@ func growPipe(f *os.File) {
 }
 
 // wait reaps the leader, then every member of its group that is a child of this process (see
-// SetSubreaper), and returns once none is left. It must run in its own goroutine for every
-// started process; it returns only after the group has ended, which supervise ensures.
+// SetSubreaper), and returns once none is left, and, when the run is contained, once its
+// cgroup is empty and removed. It must run in its own goroutine for every started process; it
+// returns only after the group (the cgroup) has ended, which supervise ensures.
 func (p *process) wait() {
 	err := p.cmd.Wait()
 	var exit *exec.ExitError
@@ -116,6 +151,9 @@ func (p *process) wait() {
 		if err != syscall.EINTR && err != nil {
 			break // ECHILD: nothing of the group is left to reap
 		}
+	}
+	if p.cg != nil {
+		p.err = errors.Join(p.err, p.cg.remove(time.Time{}))
 	}
 	close(p.empty)
 }
@@ -135,23 +173,50 @@ func (p *process) exitCode() int {
 	}
 }
 
-func (p *process) signal(sig syscall.Signal) error { return syscall.Kill(-p.pid, sig) }
-func (p *process) exited() <-chan struct{}         { return p.leader }
-func (p *process) reaped() <-chan struct{}         { return p.empty }
+// signal sends sig to every process of the run: of its cgroup when it is contained (see
+// cgroup.signal), else of its process group.
+func (p *process) signal(sig syscall.Signal) error {
+	if p.cg != nil {
+		return p.cg.signal(sig)
+	}
+	return syscall.Kill(-p.pid, sig)
+}
 
-// group is what supervise needs of a process group. *process implements it; tests use a fake
-// to check the timers without real processes.
+func (p *process) exited() <-chan struct{} { return p.leader }
+func (p *process) reaped() <-chan struct{} { return p.empty }
+
+// contained reports whether the run has a cgroup. Once such a run has been reaped, no process
+// that could hold its pipes is left, so they reach end of file.
+func (p *process) contained() bool { return p.cg != nil }
+
+// pause stops every process of the run (on) or lets them go on. A contained run is frozen
+// (cgroup.freeze), escaped processes included, and sees no signal; pause then waits up to wait
+// for the kernel to report it frozen. Otherwise the group gets SIGSTOP or SIGCONT.
+func (p *process) pause(on bool, wait time.Duration) error {
+	if p.cg != nil {
+		return p.cg.freeze(on, wait)
+	}
+	if on {
+		return syscall.Kill(-p.pid, syscall.SIGSTOP)
+	}
+	return syscall.Kill(-p.pid, syscall.SIGCONT)
+}
+
+// group is what supervise needs of a run's processes: its process group, or its cgroup.
+// *process implements it; tests use a fake to check the timers without real processes.
 type group interface {
 	signal(sig syscall.Signal) error // sends sig to every member; 0 tests whether any is left
 	exited() <-chan struct{}         // closed once the leader has exited and been reaped
-	reaped() <-chan struct{}         // closed once every member that can be reaped has been
+	reaped() <-chan struct{}         // closed once every member that can be reaped has been and the cgroup is empty
 }
 
 // supervise waits until the group's leader exits or ctx is done, then ends the group: SIGTERM
-// and SIGCONT to every member (a stopped process must run to act on SIGTERM), and SIGKILL once
-// grace has passed if any member is left. It returns once the group is reaped, with ctx's cause
-// if ctx ended the run, or nil if the leader exited by itself. Members that outlive the leader
-// are ended the same way, so a run never leaves a process behind.
+// and SIGCONT to every member (a stopped or frozen process must run to act on SIGTERM), and
+// SIGKILL once grace has passed if any member is left. For a contained run the members are the
+// processes of its cgroup, escaped ones included, and the SIGKILL is cgroup.kill. It returns
+// once the group is reaped, with ctx's cause if ctx ended the run, or nil if the leader exited
+// by itself. Members that outlive the leader are ended the same way, so a run never leaves a
+// process behind.
 func supervise(ctx context.Context, g group, grace time.Duration) error {
 	var cause error
 	select {

@@ -781,7 +781,9 @@ func TestControlFlow(t *testing.T) {
 	}
 
 	// PAUSE stops every member of the group, not only the leader, and RESUME starts them again.
+	// This is the process group's way; TestContainment checks the cgroup's.
 	t.Run("PAUSE and RESUME act on the whole group", func(t *testing.T) {
+		ts := newTestServer(t, Config{KillGrace: time.Second, Cgroup: CgroupOff})
 		c := dial(t, ts.addr)
 		c.connected()
 		// The output comes from a grandchild, a loop in a subshell of the leader, which records

@@ -30,6 +30,12 @@
 // disconnect, shutdown or its own exit, goes through supervise, which ends the whole group with
 // SIGTERM, SIGCONT and SIGKILL after the kill grace, and through process.wait, which reaps it;
 // the session joins every goroutine before it frees its slot. TestCancellationCleanup proves it.
+// A process group is not a container, though: a process that calls setsid leaves it. Where
+// cgroup v2 is writable (Config.Cgroup, cgroup.go), each run therefore starts in a cgroup of its
+// own, and the group supervise ends is that cgroup: SIGTERM and SIGCONT to each of its
+// processes, cgroup.kill after the grace, and the run is over once cgroup.events says it is
+// empty; PAUSE freezes it. TestContainment proves it for escapees of every kind and every end
+// of a run, and TestContainmentLeftovers that a new server ends the runs a killed one left.
 //
 // # Concurrency
 //
@@ -48,11 +54,14 @@
 // only writer of data frames, which exits when serve closes its queue, a
 // write fails (every write has a deadline, WriteWait) or a Ping goes unanswered; and, while a
 // command runs, runToEnd, which exits once the process group is reaped, with its three:
-// process.wait and one pump per output stream, which exit at end of file or at the read
-// deadline set once the group is gone. readLoop may also write, to answer a client's Ping; the
-// connection's own lock (conn.mu, which guards nothing but the order of writes) keeps those
-// writes whole. The close frame that answers a client's close, or fails the connection, is
-// sent by writeLoop like any other frame, as the session's last.
+// process.wait, which with containment also waits (on inotify, no timer) until the run's cgroup
+// is empty, then removes it; and one pump per output stream, which exit at end of file or at
+// the read deadline set once the group is gone (with containment no writer outlives the
+// cgroup, so only a slow drain can meet that deadline; see process.contained). readLoop may
+// also write, to answer a client's Ping; the connection's own lock (conn.mu, which guards
+// nothing but the order of writes) keeps those writes whole. The close frame that answers a
+// client's close, or fails the connection, is sent by writeLoop like any other frame, as the
+// session's last.
 //
 // A session frees its slot only after all of them have returned, and closes the connection
 // after that, so a client that sees the connection close may connect again at once. After a
@@ -133,6 +142,12 @@ type Config struct {
 	// Logger receives a line per session opened and closed and per run started and ended.
 	// Nil means slog.Default().
 	Logger *slog.Logger
+	// Cgroup says how runs are contained. CgroupAuto (or empty) starts each run in a cgroup v2
+	// of its own under the server's cgroup when the hierarchy is writable, and in a process
+	// group only otherwise; CgroupOff uses process groups only; anything else is the directory
+	// of the parent cgroup to use (such as /sys/fs/cgroup/ccexecutor), and if it cannot be used
+	// no run starts (see Server.Containment).
+	Cgroup string
 }
 
 // A Server is the ccexecutor service as an http.Handler: WebSocket sessions on /ws/mcp and /ws,
@@ -149,6 +164,9 @@ type Server struct {
 	cancel context.CancelCauseFunc // Shutdown cancels ctx with errShutdown
 
 	sessions registry
+
+	cgroups     *cgroups // where runs' cgroups are made; nil for process groups only
+	containment string   // "cgroup" or "process-group", for /health
 }
 
 // NewServer returns a Server with the configuration cfg. It resolves the programs of
@@ -175,6 +193,7 @@ func NewServer(cfg Config) *Server {
 	}
 	s.exec, _ = newExecPolicy(&cfg) // what fails is refused to every request; see CheckAllowlist
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
+	s.contain()
 	s.mux.HandleFunc("GET /health", s.health)
 	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
@@ -182,6 +201,36 @@ func NewServer(cfg Config) *Server {
 	s.mux.HandleFunc("/ws/mcp", s.serveWebSocket)
 	s.mux.HandleFunc("/ws", s.serveWebSocket)
 	return s
+}
+
+// contain decides how runs are contained, logs it, and ends and removes what runs of a server
+// killed before it could end them left behind.
+func (s *Server) contain() {
+	cg, why := openCgroups(s.cfg.Cgroup)
+	s.cgroups, s.containment = cg, "process-group"
+	switch {
+	case cg == nil:
+		s.log.Info("containment: process groups; a process that calls setsid escapes them", "why", why)
+	case cg.err != nil:
+		s.log.Error("containment: no run can start", "err", cg.err)
+	default:
+		s.containment = "cgroup"
+		s.log.Info("containment: cgroup v2", "why", why)
+		n, err := cg.sweep(s.cfg.KillGrace)
+		if n > 0 || err != nil {
+			s.log.Warn("containment: ended the runs a previous server left behind", "cgroups", n, "err", err)
+		}
+	}
+}
+
+// Containment reports how the server contains its runs: "cgroup" or "process-group". When
+// Config.Cgroup names a parent cgroup that cannot be used, it returns the error, and every
+// execute fails.
+func (s *Server) Containment() (string, error) {
+	if s.cgroups != nil && s.cgroups.err != nil {
+		return "", s.cgroups.err
+	}
+	return s.containment, nil
 }
 
 func orDefault[T int | time.Duration](v *T, def T) {
@@ -231,6 +280,7 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 		"active_sessions": s.sessions.len(),
 		"max_sessions":    s.cfg.MaxSessions,
 		"uptime_seconds":  math.Round(time.Since(s.started).Seconds()*1000) / 1000,
+		"containment":     s.containment,
 	})
 }
 

@@ -235,6 +235,7 @@ func (s *session) execute(id json.RawMessage, params json.RawMessage) {
 		s.send(errorResponse(id, &rpcError{codeInvalidParams, "A process is already running"}))
 		return
 	}
+	req.cmd.cgroups = s.srv.cgroups
 	p, err := start(req.cmd)
 	if err != nil {
 		s.send(errorResponse(id, &rpcError{codeInternal, "Internal error: " + err.Error()}))

@@ -74,6 +74,7 @@ func serve(args []string) int {
 	fs.Var(seconds{&cfg.PingInterval}, "ping-interval", "write silence before a keep-alive Ping (env PING_INTERVAL) (default 20s)")
 	fs.Var(seconds{&cfg.WriteWait}, "write-wait", "time a frame may take to be written (env WRITE_WAIT) (default 10s)")
 	fs.StringVar(&cfg.Token, "token", "", "token clients must present (env CC_EXECUTOR_TOKEN)")
+	fs.StringVar(&cfg.Cgroup, "cgroup", ccexecutor.CgroupAuto, "contain each run in a cgroup v2: auto, off, or the directory of the parent cgroup to use (env CGROUP)")
 	cfg.StreamTimeout, cfg.KillGrace = ccexecutor.StreamTimeout, ccexecutor.KillGrace
 	cfg.PingInterval, cfg.WriteWait = ccexecutor.PingInterval, ccexecutor.WriteWait
 
@@ -85,7 +86,7 @@ func serve(args []string) int {
 		"allow-origin": "ALLOWED_ORIGINS", "max-sessions": "MAX_SESSIONS", "stream-timeout": "STREAM_TIMEOUT",
 		"max-line-bytes": "MAX_LINE_BYTES", "kill-grace": "KILL_GRACE", "max-message-bytes": "MAX_MESSAGE_BYTES",
 		"ping-interval": "PING_INTERVAL", "write-wait": "WRITE_WAIT", "token": "CC_EXECUTOR_TOKEN",
-		"allowed-env": "ALLOWED_ENV", "token-file": "CC_EXECUTOR_TOKEN_FILE",
+		"allowed-env": "ALLOWED_ENV", "token-file": "CC_EXECUTOR_TOKEN_FILE", "cgroup": "CGROUP",
 	} {
 		if v, ok := os.LookupEnv(env); ok {
 			if err := fs.Set(name, v); err != nil {
@@ -138,6 +139,11 @@ func serve(args []string) int {
 		return 1
 	}
 	srv := ccexecutor.NewServer(cfg)
+	if _, err := srv.Containment(); err != nil {
+		ln.Close()
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
 	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
