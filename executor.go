@@ -151,8 +151,9 @@ type group interface {
 // and SIGCONT to every member (a stopped process must run to act on SIGTERM), and SIGKILL once
 // grace has passed if any member is left. It returns once the group is reaped, with ctx's cause
 // if ctx ended the run, or nil if the leader exited by itself. Members that outlive the leader
-// are ended the same way, so a run never leaves a process behind.
-func supervise(ctx context.Context, g group, grace time.Duration) error {
+// are ended the same way, so a run never leaves a process behind. It calls killed when it
+// sends SIGKILL, so that the caller can count it.
+func supervise(ctx context.Context, g group, grace time.Duration, killed func()) error {
 	var cause error
 	select {
 	case <-g.exited():
@@ -170,6 +171,7 @@ func supervise(ctx context.Context, g group, grace time.Duration) error {
 	}
 	if g.signal(0) == nil {
 		g.signal(syscall.SIGKILL)
+		killed()
 	}
 	<-g.reaped()
 	return cause
