@@ -5,8 +5,10 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -174,6 +176,38 @@ func TestMetrics(t *testing.T) {
 		})
 	})
 
+	// A client that leaves while the writer waits on it is gone, not dropped by the deadline,
+	// although the abort that ends the write moves the write's deadline.
+	t.Run("left while the writer waits", func(t *testing.T) {
+		t.Parallel()
+		logs := newLogWatch()
+		ts := newTestServer(t, Config{KillGrace: 200 * time.Millisecond, Logger: slog.New(logs)})
+		c := dial(t, ts.addr)
+		c.connected()
+		c.start("yes", nil) // from here on the client reads nothing
+		// Wait until the writer is blocked in a write to the client.
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		deadline := time.Now().Add(10 * time.Second)
+		for !writerBlocked() {
+			if time.Now().After(deadline) {
+				t.Fatal("the session's writer did not block on the client within 10s")
+			}
+			<-tick.C
+		}
+		c.c.(*net.TCPConn).CloseWrite()
+		logs.wait(t, "session closed", 1, 10*time.Second)
+		checkSeries(t, scrape(t, ts, ""), map[string]float64{
+			`ccexecutor_sessions_admitted_total`:                             1,
+			`ccexecutor_runs_started_total`:                                  1,
+			`ccexecutor_runs_ended_total{cause="disconnect",class="signal"}`: 1,
+			`ccexecutor_run_duration_seconds_count`:                          1,
+			`ccexecutor_first_output_seconds_count`:                          1,
+			`ccexecutor_output_lines_total{stream="stdout"}`:                 -1,
+			`ccexecutor_output_bytes_total{stream="stdout"}`:                 -1,
+		})
+	})
+
 	t.Run("dropped by an unanswered Ping", func(t *testing.T) {
 		t.Parallel()
 		logs := newLogWatch()
@@ -201,6 +235,18 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("the label did not read back as %q: %v", version, got)
 		}
 	})
+}
+
+// writerBlocked reports whether a goroutine waits for the network inside a write of a conn.
+func writerBlocked() bool {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	for g := range strings.SplitSeq(string(buf), "\n\n") {
+		if strings.Contains(g, "[IO wait") && (strings.Contains(g, "ccexecutor.(*conn).Write(") || strings.Contains(g, "ccexecutor.(*conn).writeBuffers(")) {
+			return true
+		}
+	}
+	return false
 }
 
 // get requests path on ts with the bearer token, if not empty.
