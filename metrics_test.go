@@ -96,6 +96,14 @@ func TestMetrics(t *testing.T) {
 		if resp := get(t, ts, "/metrics", ""); resp.StatusCode != http.StatusUnauthorized {
 			t.Errorf("GET /metrics without the token: HTTP %s, want 401", resp.Status)
 		}
+		req, _ := http.NewRequest("GET", ts.hs.URL+"/metrics", nil)
+		req.Host = "evil.example"
+		req.Header.Set("Authorization", "Bearer "+token)
+		if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusForbidden {
+			t.Errorf("GET /metrics for a foreign host: %v %v, want 403", resp, err)
+		} else {
+			resp.Body.Close()
+		}
 		if resp := get(t, ts, "/health", ""); resp.StatusCode != http.StatusOK {
 			t.Errorf("GET /health without the token: HTTP %s, want 200", resp.Status)
 		}
@@ -122,7 +130,7 @@ func TestMetrics(t *testing.T) {
 		want := map[string]float64{
 			`ccexecutor_sessions_active`:                                     0,
 			`ccexecutor_sessions_admitted_total`:                             3,
-			`ccexecutor_refused_total{reason="host"}`:                        1,
+			`ccexecutor_refused_total{reason="host"}`:                        2, // a handshake and /metrics
 			`ccexecutor_refused_total{reason="origin"}`:                      1,
 			`ccexecutor_refused_total{reason="token"}`:                       2, // a handshake and /metrics
 			`ccexecutor_refused_total{reason="limit"}`:                       1,
