@@ -13,7 +13,8 @@ import (
 
 // metrics are the server's counters, written on /metrics in the Prometheus text exposition
 // format, version 0.0.4. Every field is updated with atomics alone, so that counting costs no
-// lock on the output path. The zero value is ready to use.
+// lock, and output lines are counted by their pump and added in bulk (see streamCounter). The
+// zero value is ready to use.
 type metrics struct {
 	admitted   atomic.Int64
 	refused    [len(refuseReasons)]atomic.Int64
@@ -68,24 +69,61 @@ func (m *metrics) killed() { m.kills.Add(1) }
 // drop counts a client dropped for reason, one of the drop constants.
 func (m *metrics) drop(reason int) { m.dropped[reason].Add(1) }
 
-// output counts a line of output sent on stream ("stdout" or "stderr"), and observes the time
-// to the first output of the run that started at the Unix nanoseconds in *first, if not yet
-// observed.
-func (m *metrics) output(stream string, line []byte, dropped int, first *atomic.Int64) {
+// stream returns the counter of one output stream ("stdout" or "stderr") of a run, for its
+// pump alone. first holds the run's start, in Unix nanoseconds, until a pump swaps it for 0 to
+// observe the time to the run's first output line.
+func (m *metrics) stream(stream string, first *atomic.Int64) streamCounter {
 	i := 0
 	if stream == "stderr" {
 		i = 1
 	}
-	m.lines[i].Add(1)
-	m.bytes[i].Add(int64(len(line)))
+	return streamCounter{m: m, i: i, first: first}
+}
+
+// flushLines is how many lines a streamCounter counts before it adds them to the metrics even
+// though more are ready.
+const flushLines = 1024
+
+// A streamCounter counts the lines of one stream of one run. It is owned by the stream's pump
+// and adds its counts to the shared metrics only when no further line is ready, every
+// flushLines lines and at flush: so that a line costs no atomic operation while output floods.
+type streamCounter struct {
+	m                       *metrics
+	i                       int           // index in streams
+	first                   *atomic.Int64 // nil once this stream has had its first line
+	lines, bytes, truncated int64         // counted and not yet added to m
+}
+
+// line counts a line sent, of which dropped bytes were cut; more says that the next line is
+// ready.
+func (c *streamCounter) line(line []byte, dropped int, more bool) {
+	c.lines++
+	c.bytes += int64(len(line))
 	if dropped > 0 {
-		m.truncated[i].Add(1)
+		c.truncated++
 	}
-	if first.Load() != 0 {
-		if t := first.Swap(0); t != 0 {
-			m.firstOut.observe(time.Duration(time.Now().UnixNano() - t))
+	if c.first != nil {
+		if t := c.first.Swap(0); t != 0 {
+			c.m.firstOut.observe(time.Duration(time.Now().UnixNano() - t))
 		}
+		c.first = nil
 	}
+	if !more || c.lines >= flushLines {
+		c.flush()
+	}
+}
+
+// flush adds what c counted to the metrics.
+func (c *streamCounter) flush() {
+	if c.lines == 0 {
+		return
+	}
+	c.m.lines[c.i].Add(c.lines)
+	c.m.bytes[c.i].Add(c.bytes)
+	if c.truncated > 0 {
+		c.m.truncated[c.i].Add(c.truncated)
+	}
+	c.lines, c.bytes, c.truncated = 0, 0, 0
 }
 
 // runEnded counts the end of a run that lasted d, with its cause (an end constant) and its

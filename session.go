@@ -291,8 +291,10 @@ func (s *session) pump(stream string, f *os.File) error {
 	free <- &batch{free: free}
 	b := &batch{free: free}
 	var scratch []byte
+	count := s.srv.metrics.stream(stream, &s.firstOut)
+	defer count.flush()
 	err := readLines(f, s.srv.cfg.MaxLineBytes, func(line []byte, dropped int, more bool) error {
-		s.srv.metrics.output(stream, line, dropped, &s.firstOut)
+		count.line(line, dropped, more)
 		scratch = appendOutput(scratch[:0], stream, line, dropped)
 		b.frames = appendFrame(b.frames, opText, scratch)
 		if more && len(b.frames) < maxBatch {
