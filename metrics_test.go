@@ -26,12 +26,11 @@ func TestMetrics(t *testing.T) {
 		const token = "s3cret"
 		logs := newLogWatch()
 		ts := newTestServer(t, Config{
-			Token:           token,
-			MaxSessions:     1,
-			MaxLineBytes:    16,
-			KillGrace:       200 * time.Millisecond,
-			AllowedCommands: []string{"sh", "ccexecutor-no-such-program"},
-			Logger:          slog.New(logs),
+			Token:        token,
+			MaxSessions:  1,
+			MaxLineBytes: 16,
+			KillGrace:    200 * time.Millisecond,
+			Logger:       slog.New(logs),
 		})
 		auth := http.Header{"Authorization": {"Bearer " + token}}
 		open := func() *client {
@@ -49,12 +48,12 @@ func TestMetrics(t *testing.T) {
 			params  map[string]any
 			exit    int
 		}{
-			{`sh -c 'echo hello'`, nil, 0},                                        // stdout: 1 line, 6 bytes
-			{`sh -c 'echo oops >&2; echo out; exit 3'`, nil, 3},                   // stderr: 1 line, 5 bytes; stdout: 4 bytes
-			{`sh -c 'kill -KILL $$'`, nil, -9},                                    // no output
-			{`sh -c 'printf %040d 0'`, nil, 0},                                    // stdout: 16 bytes and "...\n", truncated
-			{`sh -c 'seq 1 3000'`, nil, 0},                                        // stdout: 3000 lines, 13893 bytes, several flushes
-			{`sh -c 'echo ready; sleep 30'`, map[string]any{"timeout": 0.3}, -15}, // 6 bytes
+			{`echo hello`, nil, 0},                                        // stdout: 1 line, 6 bytes
+			{`echo oops >&2; echo out; exit 3`, nil, 3},                   // stderr: 1 line, 5 bytes; stdout: 4 bytes
+			{`kill -KILL $$`, nil, -9},                                    // no output
+			{`printf %040d 0`, nil, 0},                                    // stdout: 16 bytes and "...\n", truncated
+			{`seq 1 3000`, nil, 0},                                        // stdout: 3000 lines, 13893 bytes, several flushes
+			{`echo ready; sleep 30`, map[string]any{"timeout": 0.3}, -15}, // 6 bytes
 		}
 		for _, r := range runs {
 			_, done := c.run(r.command, r.params)
@@ -63,15 +62,17 @@ func TestMetrics(t *testing.T) {
 			}
 		}
 		for _, command := range []string{
-			`sh -c 'echo ready; sleep 30'`,               // canceled, 6 bytes
-			`sh -c 'trap "" TERM; echo ready; sleep 30'`, // canceled after SIGKILL, 6 bytes
+			`echo ready; sleep 30`,               // canceled, 6 bytes
+			`trap "" TERM; echo ready; sleep 30`, // canceled after SIGKILL, 6 bytes
 		} {
 			c.start(command, nil)
 			c.call("control", map[string]any{"type": "CANCEL"})
 			c.until("process.completed")
 		}
-		if r := c.call("execute", map[string]any{"command": "ccexecutor-no-such-program"}); r.Error == nil || r.Error.Code != codeInternal {
-			t.Fatalf("a program that does not exist: %s, want error %d", r.raw, codeInternal)
+		// A variable longer than execve takes (128 KiB on Linux): the start fails with E2BIG.
+		big := map[string]any{"BIG": strings.Repeat("x", 200<<10)}
+		if r := c.call("execute", map[string]any{"command": "echo never", "env": big}); r.Error == nil || r.Error.Code != codeInternal {
+			t.Fatalf("a command that cannot start: %.200s, want error %d", r.raw, codeInternal)
 		}
 
 		// Refusals, while c holds the only slot.
@@ -114,11 +115,11 @@ func TestMetrics(t *testing.T) {
 		// A client that leaves mid-run, then a run ended by the shutdown.
 		logs.wait(t, "session closed", 1, 10*time.Second)
 		c = open()
-		c.start(`sh -c 'echo ready; sleep 30'`, nil)
+		c.start(`echo ready; sleep 30`, nil)
 		c.close()
 		logs.wait(t, "session closed", 2, 10*time.Second)
 		c = open()
-		c.start(`sh -c 'echo ready; sleep 30'`, nil)
+		c.start(`echo ready; sleep 30`, nil)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		if err := ts.Shutdown(ctx); err != nil {
