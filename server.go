@@ -39,7 +39,8 @@
 // frames: each pump owns two, fills one while the writer writes the other and gets it back
 // once written, so a slow client slows the process through its pipe and pins at most two
 // batches per stream. (The rate limit of the refusal log has a mutex of its own, held for its
-// counters only; the line is logged after it is released.)
+// counters only; the line is logged after it is released. The metrics of /metrics are
+// atomics, which any goroutine adds to without a lock.)
 //
 // Each session owns these goroutines, joined by its WaitGroup before its slot is freed:
 // serve, the handler's goroutine, which answers requests in order and owns the session's state;
