@@ -216,8 +216,8 @@ type group interface {
 // processes of its cgroup, escaped ones included, and the SIGKILL is cgroup.kill. It returns
 // once the group is reaped, with ctx's cause if ctx ended the run, or nil if the leader exited
 // by itself. Members that outlive the leader are ended the same way, so a run never leaves a
-// process behind.
-func supervise(ctx context.Context, g group, grace time.Duration) error {
+// process behind. It calls killed when it sends SIGKILL, so that the caller can count it.
+func supervise(ctx context.Context, g group, grace time.Duration, killed func()) error {
 	var cause error
 	select {
 	case <-g.exited():
@@ -235,6 +235,7 @@ func supervise(ctx context.Context, g group, grace time.Duration) error {
 	}
 	if g.signal(0) == nil {
 		g.signal(syscall.SIGKILL)
+		killed()
 	}
 	<-g.reaped()
 	return cause

@@ -660,7 +660,7 @@ func TestStreamTimeout(t *testing.T) {
 				start := time.Now()
 				var cause error
 				done := make(chan struct{})
-				go func() { cause = supervise(ctx, g, grace); close(done) }()
+				go func() { cause = supervise(ctx, g, grace, func() {}); close(done) }()
 
 				time.Sleep(StreamTimeout - time.Nanosecond)
 				synctest.Wait()

@@ -45,7 +45,8 @@
 // frames: each pump owns two, fills one while the writer writes the other and gets it back
 // once written, so a slow client slows the process through its pipe and pins at most two
 // batches per stream. (The rate limit of the refusal log has a mutex of its own, held for its
-// counters only; the line is logged after it is released.)
+// counters only; the line is logged after it is released. The metrics of /metrics are
+// atomics, which any goroutine adds to without a lock.)
 //
 // Each session owns these goroutines, joined by its WaitGroup before its slot is freed:
 // serve, the handler's goroutine, which answers requests in order and owns the session's state;
@@ -78,6 +79,7 @@ import (
 	"crypto/subtle"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -86,6 +88,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -167,6 +170,9 @@ type Server struct {
 
 	cgroups     *cgroups // where runs' cgroups are made; nil for process groups only
 	containment string   // "cgroup" or "process-group", for /health
+
+	metrics metrics   // counted as things happen, written on /metrics
+	build   buildInfo // the labels of ccexecutor_build_info
 }
 
 // NewServer returns a Server with the configuration cfg. It resolves the programs of
@@ -189,6 +195,7 @@ func NewServer(cfg Config) *Server {
 		refused:  newRefusalLog(cfg.Logger),
 		mux:      http.NewServeMux(),
 		started:  time.Now(),
+		build:    readBuildInfo(),
 		sessions: registry{max: cfg.MaxSessions, sessions: map[*session]struct{}{}, drained: make(chan struct{})},
 	}
 	s.exec, _ = newExecPolicy(&cfg) // what fails is refused to every request; see CheckAllowlist
@@ -198,6 +205,7 @@ func NewServer(cfg Config) *Server {
 	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
+	s.mux.HandleFunc("GET /metrics", s.serveMetrics)
 	s.mux.HandleFunc("/ws/mcp", s.serveWebSocket)
 	s.mux.HandleFunc("/ws", s.serveWebSocket)
 	return s
@@ -244,6 +252,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !hostAllowed(r) {
 		const reason = "forbidden: host is not a loopback name"
 		s.refused.warn("request refused", reason, "remote", r.RemoteAddr, "status", http.StatusForbidden, "host", loggedText(r.Host))
+		s.metrics.refuse(refuseHost)
 		http.Error(w, reason, http.StatusForbidden)
 		return
 	}
@@ -284,6 +293,19 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
+// serveMetrics writes the metrics in the Prometheus text format. When a token is set, it is
+// required here too: the counters say what the server is doing.
+func (s *Server) serveMetrics(w http.ResponseWriter, r *http.Request) {
+	if s.cfg.Token != "" && !tokenMatches(r, s.cfg.Token) {
+		s.refused.warn("request refused", "unauthorized", "remote", r.RemoteAddr, "status", http.StatusUnauthorized)
+		s.metrics.refuse(refuseToken)
+		http.Error(w, "unauthorized", http.StatusUnauthorized)
+		return
+	}
+	w.Header().Set("Content-Type", metricsContentType)
+	s.metrics.write(w, s.sessions.len(), s.build)
+}
+
 func writeJSON(w http.ResponseWriter, code int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
@@ -300,6 +322,7 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	if s.ctx.Err() != nil {
 		const reason = "server shutting down"
 		s.refused.warn("handshake refused", reason, "remote", r.RemoteAddr, "status", http.StatusServiceUnavailable)
+		s.metrics.refuse(refuseShuttingDown)
 		http.Error(w, reason, http.StatusServiceUnavailable)
 		return
 	}
@@ -313,11 +336,14 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 func (s *Server) checkAccess(r *http.Request) (int, string) {
 	switch origins := r.Header.Values("Origin"); {
 	case len(origins) > 1:
+		s.metrics.refuse(refuseOrigin)
 		return http.StatusForbidden, "forbidden: more than one Origin"
 	case len(origins) == 1 && !s.originAllowed(origins[0], r.Host):
+		s.metrics.refuse(refuseOrigin)
 		return http.StatusForbidden, "forbidden: origin not allowed"
 	}
 	if s.cfg.Token != "" && !tokenMatches(r, s.cfg.Token) {
+		s.metrics.refuse(refuseToken)
 		return http.StatusUnauthorized, "unauthorized"
 	}
 	return 0, ""
@@ -384,12 +410,15 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 	}
 	switch err := s.sessions.add(ss); err {
 	case nil:
+		s.metrics.admitted.Add(1)
 	case errLimit:
+		s.metrics.refuse(refuseLimit)
 		b := appendFrame(nil, opText, []byte(`{"jsonrpc":"2.0","error":{"code":-32001,"message":"Session limit exceeded","data":null}}`))
 		c.Write(appendFrame(b, opClose, closePayload(1008, "Session limit exceeded")))
 		s.refused.warn("session refused", "session limit exceeded", "remote", ws.Request().RemoteAddr, "close_code", 1008)
 		return
 	default:
+		s.metrics.refuse(refuseShuttingDown)
 		c.Write(appendFrame(nil, opClose, closePayload(1001, "Server shutting down")))
 		s.refused.warn("session refused", "server shutting down", "remote", ws.Request().RemoteAddr, "close_code", 1001)
 		return
@@ -510,6 +539,14 @@ func (c *conn) abort() {
 	c.Conn.SetWriteDeadline(time.Now())
 }
 
+// countDrop counts a client dropped by the write deadline if err, of a write, is the deadline's
+// and not that of an abort, which comes after the client is gone.
+func (c *conn) countDrop(err error, m *metrics) {
+	if errors.Is(err, os.ErrDeadlineExceeded) && !c.aborted.Load() {
+		m.drop(dropWriteDeadline)
+	}
+}
+
 // writeLoop writes the frames queued on out, several at a time when several are queued. Every
 // PingInterval it sends a Ping, unless frames passed both ways meanwhile: so a silent connection
 // stays open through proxies, and a client that vanished is noticed even while output flows.
@@ -558,12 +595,14 @@ func (s *session) writeLoop() {
 				queued[i] = nil
 			}
 			if err != nil {
+				s.conn.countDrop(err, &s.srv.metrics)
 				close(s.failed)
 				return
 			}
 			wrote = true
 		case now := <-tick.C:
 			if !pinged.IsZero() && !s.conn.readSince(pinged) {
+				s.srv.metrics.drop(dropPing)
 				close(s.failed)
 				return
 			}
@@ -574,6 +613,7 @@ func (s *session) writeLoop() {
 			}
 			pinged = now
 			if _, err := s.conn.Write(appendFrame(nil, opPing, nil)); err != nil {
+				s.conn.countDrop(err, &s.srv.metrics)
 				close(s.failed)
 				return
 			}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -104,6 +105,8 @@ type session struct {
 	broken  bool                          // bye fails the connection: serveConn lingers before closing it; serve's
 	wg      sync.WaitGroup                // the session's goroutines
 	log     func(msg string, args ...any) // logs with the session's id
+
+	firstOut atomic.Int64 // the start of the run, in Unix nanoseconds, until its first output line; then 0
 }
 
 // run is a command in progress.
@@ -238,12 +241,15 @@ func (s *session) execute(id json.RawMessage, params json.RawMessage) {
 	req.cmd.cgroups = s.srv.cgroups
 	p, err := start(req.cmd)
 	if err != nil {
+		s.srv.metrics.startFails.Add(1)
 		s.send(errorResponse(id, &rpcError{codeInternal, "Internal error: " + err.Error()}))
 		return
 	}
 	ctx, cancel := context.WithCancelCause(s.ctx)
 	r := &run{p: p, cancel: cancel, command: loggedText(req.line), started: time.Now()}
 	s.run = r
+	s.srv.metrics.started.Add(1)
+	s.firstOut.Store(r.started.UnixNano())
 	s.log("run started", "pid", p.pid, "command", r.command)
 	s.send(response(id, struct {
 		Status string `json:"status"`
@@ -264,7 +270,7 @@ func (s *session) runToEnd(ctx context.Context, r *run, timeout time.Duration) r
 	wg.Go(r.p.wait)                                         // returns once the group is reaped, which supervise ensures
 	wg.Go(func() { outErr = s.pump("stdout", r.p.stdout) }) // returns at EOF, or at the read deadline below
 	wg.Go(func() { errErr = s.pump("stderr", r.p.stderr) }) // likewise
-	cause := supervise(ctx, r.p, s.srv.cfg.KillGrace)
+	cause := supervise(ctx, r.p, s.srv.cfg.KillGrace, s.srv.metrics.killed)
 	// The group is gone, so the pipes reach EOF once drained, unless a process that left the
 	// group still holds them: give the readers the kill grace, then stop them.
 	deadline := time.Now().Add(s.srv.cfg.KillGrace)
@@ -286,7 +292,10 @@ func (s *session) pump(stream string, f *os.File) error {
 	free <- &batch{free: free}
 	b := &batch{free: free}
 	var scratch []byte
+	count := s.srv.metrics.stream(stream, &s.firstOut)
+	defer count.flush()
 	err := readLines(f, s.srv.cfg.MaxLineBytes, func(line []byte, dropped int, more bool) error {
+		count.line(line, dropped, more)
 		scratch = appendOutput(scratch[:0], stream, line, dropped)
 		b.frames = appendFrame(b.frames, opText, scratch)
 		if more && len(b.frames) < maxBatch {
@@ -331,7 +340,25 @@ func (s *session) finish(res runResult) {
 		cause = &c
 	}
 	exit := res.exit
+	s.srv.metrics.runEnded(endCause(res.cause), res.exit, time.Since(res.r.started))
 	s.send(processEvent("process.completed", status, res.r.p.pid, &exit, cause))
 	s.log("run ended", "pid", res.r.p.pid, "command", res.r.command, "exit_code", res.exit,
 		"cause", res.cause, "duration", time.Since(res.r.started))
+}
+
+// endCause is the metrics' end constant for the cause of a run's end, nil for its own exit.
+func endCause(cause error) int {
+	var timeout streamTimeoutError
+	switch {
+	case cause == nil:
+		return endExit
+	case cause == errCanceled:
+		return endCanceled
+	case errors.As(cause, &timeout):
+		return endTimeout
+	case cause == errShutdown:
+		return endShutdown
+	default:
+		return endDisconnect // errClientGone
+	}
 }
