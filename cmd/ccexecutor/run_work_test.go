@@ -99,13 +99,14 @@ func (w *slowWriter) Write(p []byte) (int, error) {
 // output does: the client used to set a write deadline for its execute request and never clear
 // it, so that its answer to the first Ping after requestWait (10 s) failed, and every run died
 // there with "connection lost ... i/o timeout". The runs last longer than requestWait, with a
-// Ping every 1.5 s.
+// Ping every 1.4 s: a busy connection gets one every other interval, and the last before
+// the runs end comes at 11.2 s.
 func TestRunKeepAlive(t *testing.T) {
 	if testing.Short() {
-		t.Skip("runs for 11 s")
+		t.Skip("runs for 12 s")
 	}
-	url := serveForRun(t, ccexecutor.Config{PingInterval: 1500 * time.Millisecond})
-	const secs = 11
+	url := serveForRun(t, ccexecutor.Config{PingInterval: 1400 * time.Millisecond})
+	const secs = 12
 	for _, tt := range []struct {
 		name    string
 		command string
