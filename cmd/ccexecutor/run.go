@@ -216,6 +216,7 @@ func (o *runOptions) run() (int, error) {
 		stdout: bufio.NewWriterSize(os.Stdout, outBufSize),
 		stderr: bufio.NewWriterSize(os.Stderr, outBufSize),
 	}
+	defer c.flush() // what connect printed with --json, even when it fails
 	if err := c.connect(o); err != nil {
 		return 0, err
 	}
