@@ -13,10 +13,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -55,54 +57,61 @@ func main() {
 // serve runs the server until SIGINT or SIGTERM, then shuts it down. It returns the exit code.
 func serve(args []string) int {
 	fs := flag.NewFlagSet("ccexecutor", flag.ContinueOnError)
-	fs.Usage = func() { fmt.Fprint(fs.Output(), usage); fs.PrintDefaults() }
+	fs.SetOutput(io.Discard) // errors are reported in one line below
+	cfg := ccexecutor.Config{
+		MaxSessions: ccexecutor.MaxSessions, StreamTimeout: ccexecutor.StreamTimeout, MaxLineBytes: ccexecutor.MaxLineBytes,
+		KillGrace: ccexecutor.KillGrace, MaxMessageBytes: ccexecutor.MaxMessageBytes, PingInterval: ccexecutor.PingInterval,
+		WriteWait: ccexecutor.WriteWait,
+	}
 	var (
-		cfg      ccexecutor.Config
-		addr     = fs.String("addr", "127.0.0.1:8003", "listen address, host:port (env ADDR; DEFAULT_PORT alone sets the port)")
-		level    = fs.String("log-level", "info", "log level: debug, info, warn or error (env LOG_LEVEL)")
+		addr     = "127.0.0.1:8003"
+		level    = logLevel(slog.LevelInfo)
 		insecure = fs.Bool("insecure", false, "allow listening on a non-loopback address without a token (env INSECURE)")
 		allowed  = fs.String("allowed-commands", "", "comma-separated programs that alone may run, without a shell (env ALLOWED_COMMANDS)")
 		allowEnv = fs.String("allowed-env", "", "comma-separated variables a request's env may set while --allowed-commands is in force (env ALLOWED_ENV)")
 		tokFile  = fs.String("token-file", "", "file holding the token clients must present; readable by its owner only (env CC_EXECUTOR_TOKEN_FILE)")
 		origins  = fs.String("allow-origin", "", "comma-separated origins allowed besides the server's own (env ALLOWED_ORIGINS)")
 	)
-	fs.IntVar(&cfg.MaxSessions, "max-sessions", ccexecutor.MaxSessions, "sessions held at once (env MAX_SESSIONS)")
-	fs.Var(seconds{&cfg.StreamTimeout}, "stream-timeout", "time a run may take, in seconds or as a Go duration (env STREAM_TIMEOUT) (default 5m0s)")
-	fs.IntVar(&cfg.MaxLineBytes, "max-line-bytes", ccexecutor.MaxLineBytes, "longest output line sent whole (env MAX_LINE_BYTES)")
-	fs.Var(seconds{&cfg.KillGrace}, "kill-grace", "time between SIGTERM and SIGKILL (env KILL_GRACE) (default 5s)")
-	fs.IntVar(&cfg.MaxMessageBytes, "max-message-bytes", ccexecutor.MaxMessageBytes, "largest inbound message (env MAX_MESSAGE_BYTES)")
-	fs.Var(seconds{&cfg.PingInterval}, "ping-interval", "write silence before a keep-alive Ping (env PING_INTERVAL) (default 20s)")
-	fs.Var(seconds{&cfg.WriteWait}, "write-wait", "time a frame may take to be written (env WRITE_WAIT) (default 10s)")
-	fs.StringVar(&cfg.Token, "token", "", "token clients must present (env CC_EXECUTOR_TOKEN)")
-	fs.StringVar(&cfg.Cgroup, "cgroup", ccexecutor.CgroupAuto, "contain each run in a cgroup v2: auto, off, or the directory of the parent cgroup to use (env CGROUP)")
-	cfg.StreamTimeout, cfg.KillGrace = ccexecutor.StreamTimeout, ccexecutor.KillGrace
-	cfg.PingInterval, cfg.WriteWait = ccexecutor.PingInterval, ccexecutor.WriteWait
+	// A flag's "(env NAME)" names the environment variable that sets it when the flag is not
+	// given: see fromEnv.
+	fs.Var(address{&addr}, "addr", "listen `address`, host:port (env ADDR; DEFAULT_PORT alone sets the port)")
+	fs.Var(&level, "log-level", "log `level`: debug, info (the default), warn or error (env LOG_LEVEL)")
+	fs.Var(positive{&cfg.MaxSessions}, "max-sessions", "`sessions` held at once (env MAX_SESSIONS)")
+	fs.Var(seconds{&cfg.StreamTimeout}, "stream-timeout", "`time` a run may take, in seconds or as a Go duration (env STREAM_TIMEOUT)")
+	fs.Var(positive{&cfg.MaxLineBytes}, "max-line-bytes", "longest output line sent whole, in `bytes` (env MAX_LINE_BYTES)")
+	fs.Var(seconds{&cfg.KillGrace}, "kill-grace", "`time` between SIGTERM and SIGKILL (env KILL_GRACE)")
+	fs.Var(positive{&cfg.MaxMessageBytes}, "max-message-bytes", "largest inbound message, all its fragments together, in `bytes` (env MAX_MESSAGE_BYTES)")
+	fs.Var(seconds{&cfg.PingInterval}, "ping-interval", "write silence before a keep-alive Ping, a `time` (env PING_INTERVAL)")
+	fs.Var(seconds{&cfg.WriteWait}, "write-wait", "`time` a frame may take to be written (env WRITE_WAIT)")
+	fs.StringVar(&cfg.Token, "token", "", "`token` clients must present (env CC_EXECUTOR_TOKEN)")
+	fs.StringVar(&cfg.Cgroup, "cgroup", ccexecutor.CgroupAuto, "contain each run in a cgroup v2: auto, off, or the `directory` of the parent cgroup to use (env CGROUP)")
 
-	if p, ok := os.LookupEnv("DEFAULT_PORT"); ok {
-		fs.Set("addr", net.JoinHostPort("127.0.0.1", p))
-	}
-	for name, env := range map[string]string{
-		"addr": "ADDR", "log-level": "LOG_LEVEL", "insecure": "INSECURE", "allowed-commands": "ALLOWED_COMMANDS",
-		"allow-origin": "ALLOWED_ORIGINS", "max-sessions": "MAX_SESSIONS", "stream-timeout": "STREAM_TIMEOUT",
-		"max-line-bytes": "MAX_LINE_BYTES", "kill-grace": "KILL_GRACE", "max-message-bytes": "MAX_MESSAGE_BYTES",
-		"ping-interval": "PING_INTERVAL", "write-wait": "WRITE_WAIT", "token": "CC_EXECUTOR_TOKEN",
-		"allowed-env": "ALLOWED_ENV", "token-file": "CC_EXECUTOR_TOKEN_FILE", "cgroup": "CGROUP",
-	} {
-		if v, ok := os.LookupEnv(env); ok {
-			if err := fs.Set(name, v); err != nil {
-				fmt.Fprintf(os.Stderr, "ccexecutor: invalid %s=%q: %v\n", env, v, err)
-				return 2
-			}
-		}
-	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprint(os.Stderr, usage)
+			fs.SetOutput(os.Stderr)
+			fs.PrintDefaults()
 			return 0
 		}
+		fmt.Fprintf(os.Stderr, "ccexecutor: %v (see 'ccexecutor -h')\n", err)
 		return 2
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "ccexecutor: unexpected argument %q: the flags after it would be ignored\n", fs.Arg(0))
+		return 2
+	}
+	given := make(map[string]bool)
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	if p, ok := os.LookupEnv("DEFAULT_PORT"); ok && !given["addr"] {
+		if _, inEnv := os.LookupEnv("ADDR"); !inEnv {
+			if err := fs.Set("addr", net.JoinHostPort("127.0.0.1", p)); err != nil {
+				fmt.Fprintf(os.Stderr, "ccexecutor: invalid DEFAULT_PORT=%q: %v\n", p, err)
+				return 2
+			}
+		}
+	}
+	if err := fromEnv(fs, given); err != nil {
+		fmt.Fprintf(os.Stderr, "ccexecutor: %v\n", err)
 		return 2
 	}
 	os.Unsetenv("CC_EXECUTOR_TOKEN") // commands inherit the server's environment; not the token
@@ -117,7 +126,7 @@ func serve(args []string) int {
 			return 2
 		}
 	}
-	if err := check(&cfg, *addr, *insecure, *level); err != nil {
+	if err := check(cfg.Token, addr, *insecure); err != nil {
 		fmt.Fprintf(os.Stderr, "ccexecutor: %v\n", err)
 		return 2
 	}
@@ -126,14 +135,12 @@ func serve(args []string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
 	}
-	var lv slog.Level
-	lv.UnmarshalText([]byte(*level))
-	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lv}))
+	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.Level(level)}))
 
 	if err := ccexecutor.SetSubreaper(); err != nil {
 		cfg.Logger.Warn("members of a run's group that outlive their parent will not be reaped", "err", err)
 	}
-	ln, err := net.Listen("tcp", *addr)
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "ccexecutor: %v\n", err)
 		return 1
@@ -147,7 +154,11 @@ func serve(args []string) int {
 	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	fmt.Printf("ccexecutor listening on ws://%s/ws/mcp\n", ln.Addr())
+	where := dialable(addr, ln.Addr().(*net.TCPAddr))
+	if where != ln.Addr().String() {
+		cfg.Logger.Info("listening on all addresses", "addr", ln.Addr().String())
+	}
+	fmt.Printf("ccexecutor listening on ws://%s/ws/mcp\n", where)
 	served := make(chan error, 1)
 	go func() { served <- hs.Serve(ln) }() // returns once hs.Shutdown has closed the listener
 	select {
@@ -175,25 +186,34 @@ func serve(args []string) int {
 	return 0
 }
 
-// check refuses a configuration the server should not start with.
-func check(cfg *ccexecutor.Config, addr string, insecure bool, level string) error {
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		return fmt.Errorf("invalid address %q: %v", addr, err)
-	}
-	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
-		return fmt.Errorf("invalid port %q in address %q", port, addr)
-	}
-	for name, v := range map[string]int{"max-sessions": cfg.MaxSessions, "max-line-bytes": cfg.MaxLineBytes, "max-message-bytes": cfg.MaxMessageBytes} {
-		if v <= 0 {
-			return fmt.Errorf("--%s must be positive, got %d", name, v)
+// envName finds the environment variable that usage names as "(env NAME".
+var envName = regexp.MustCompile(`\(env ([A-Za-z_][A-Za-z0-9_]*)`)
+
+// fromEnv sets each flag of fs that is not given, and whose usage names an environment
+// variable, from that variable when it is set. A flag given wins: its variable is not even
+// checked. An error names the variable.
+func fromEnv(fs *flag.FlagSet, given map[string]bool) error {
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		m := envName.FindStringSubmatch(f.Usage)
+		if m == nil || given[f.Name] || err != nil {
+			return
 		}
-	}
-	if err := new(slog.Level).UnmarshalText([]byte(level)); err != nil {
-		return fmt.Errorf("invalid --log-level %q", level)
-	}
+		if v, ok := os.LookupEnv(m[1]); ok {
+			if e := fs.Set(f.Name, v); e != nil {
+				err = fmt.Errorf("invalid %s=%q: %v", m[1], v, e)
+			}
+		}
+	})
+	return err
+}
+
+// check refuses to listen on addr, which is valid, without a token, unless insecure: on an
+// address other machines can reach.
+func check(token, addr string, insecure bool) error {
+	host, _, _ := net.SplitHostPort(addr)
 	ip := net.ParseIP(host)
-	if cfg.Token == "" && !insecure && host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+	if token == "" && !insecure && host != "localhost" && (ip == nil || !ip.IsLoopback()) {
 		return fmt.Errorf("refusing to listen on %s without a token: anyone who can reach it could run commands as this user; set --token (or CC_EXECUTOR_TOKEN), or --insecure if a proxy in front of it authenticates", addr)
 	}
 	return nil
@@ -232,6 +252,20 @@ func readToken(path string) (string, error) {
 	return tok, nil
 }
 
+// dialable is the address a client on this machine can connect to, for a listener on a that
+// was asked for addr: loopback when addr's host is empty or unspecified (all addresses).
+func dialable(addr string, a *net.TCPAddr) string {
+	host, _, _ := net.SplitHostPort(addr)
+	ip := net.ParseIP(host)
+	switch {
+	case host == "" || ip != nil && ip.Equal(net.IPv4zero):
+		return net.JoinHostPort("127.0.0.1", strconv.Itoa(a.Port))
+	case ip != nil && ip.IsUnspecified():
+		return net.JoinHostPort("::1", strconv.Itoa(a.Port))
+	}
+	return a.String()
+}
+
 // list splits a comma-separated list, dropping empty items.
 func list(s string) []string {
 	var out []string
@@ -253,18 +287,117 @@ func (s seconds) String() string {
 	return s.d.String()
 }
 
+// maxDuration is how the longest time.Duration is written in errors.
+const maxDuration = "2562047h47m16s"
+
 func (s seconds) Set(v string) error {
 	d, err := time.ParseDuration(v)
 	if err != nil {
 		f, ferr := strconv.ParseFloat(v, 64)
-		if ferr != nil {
+		switch {
+		case ferr == nil && math.IsNaN(f):
+			return fmt.Errorf("not a number")
+		case ferr == nil && f*float64(time.Second) >= math.MaxInt64:
+			return fmt.Errorf("out of range: at most %s", maxDuration)
+		case ferr == nil:
+			d = time.Duration(f * float64(time.Second))
+		case durationOverflows(v):
+			return fmt.Errorf("out of range: at most %s", maxDuration)
+		default:
 			return fmt.Errorf("want seconds or a duration such as 1m30s")
 		}
-		d = time.Duration(f * float64(time.Second))
 	}
 	if d <= 0 {
 		return fmt.Errorf("must be positive")
 	}
 	*s.d = d
+	return nil
+}
+
+// durationOverflows reports whether v is written as a Go duration whose value is too large
+// for time.Duration: time.ParseDuration gives the same error for that as for a typo.
+func durationOverflows(v string) bool {
+	units := map[string]float64{"ns": 1, "us": 1e3, "µs": 1e3, "μs": 1e3, "ms": 1e6, "s": 1e9, "m": 60e9, "h": 3600e9}
+	total := 0.0
+	for v != "" {
+		i := strings.IndexFunc(v, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
+		if i <= 0 {
+			return false
+		}
+		f, err := strconv.ParseFloat(v[:i], 64)
+		if err != nil {
+			return false
+		}
+		j := strings.IndexFunc(v[i:], func(r rune) bool { return r >= '0' && r <= '9' || r == '.' })
+		if j < 0 {
+			j = len(v) - i
+		}
+		u, ok := units[v[i:i+j]]
+		if !ok {
+			return false
+		}
+		total += f * u
+		v = v[i+j:]
+	}
+	return total >= math.MaxInt64
+}
+
+// positive is a flag of a positive int.
+type positive struct{ n *int }
+
+func (p positive) String() string {
+	if p.n == nil {
+		return ""
+	}
+	return strconv.Itoa(*p.n)
+}
+
+func (p positive) Set(v string) error {
+	n, err := strconv.ParseInt(v, 10, 0)
+	switch {
+	case errors.Is(err, strconv.ErrRange):
+		return fmt.Errorf("out of range: at most %d", math.MaxInt)
+	case err != nil:
+		return fmt.Errorf("want a whole number")
+	case n <= 0:
+		return fmt.Errorf("must be positive")
+	}
+	*p.n = int(n)
+	return nil
+}
+
+// logLevel is a flag of a slog level, by name.
+type logLevel slog.Level
+
+func (l *logLevel) String() string { return strings.ToLower(slog.Level(*l).String()) }
+
+func (l *logLevel) Set(v string) error {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(v)); err != nil {
+		return fmt.Errorf("want debug, info, warn or error")
+	}
+	*l = logLevel(lv)
+	return nil
+}
+
+// address is a flag of a listen address, host:port.
+type address struct{ a *string }
+
+func (a address) String() string {
+	if a.a == nil {
+		return ""
+	}
+	return *a.a
+}
+
+func (a address) Set(v string) error {
+	_, port, err := net.SplitHostPort(v)
+	if err != nil {
+		return fmt.Errorf("want host:port")
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return fmt.Errorf("invalid port %q: want 0 to 65535", port)
+	}
+	*a.a = v
 	return nil
 }

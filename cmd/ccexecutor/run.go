@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -18,8 +19,6 @@ import (
 	"sync"
 	"syscall"
 	"time"
-
-	"golang.org/x/net/websocket"
 )
 
 const runUsage = `Usage: ccexecutor run [flags] -- COMMAND...
@@ -34,12 +33,24 @@ with ssh:
 Ctrl-C cancels the command (the server sends SIGTERM to its process group, SIGKILL after its kill
 grace) and waits for it to end; a second Ctrl-C disconnects at once.
 
+What is not like running locally:
+  - stdin is empty: the command reads /dev/null on the server.
+  - Output is text: invalid UTF-8 becomes U+FFFD, so binary output is not preserved.
+  - A line longer than the server's limit (--max-line-bytes, 512 KiB by default) is cut, and
+    "..." marks the cut.
+  - stdout and stderr each keep their order, but not their order with each other.
+  - When stdout is slow (a pager, a slow pipe), up to 32 MiB of output is read ahead and held;
+    past that the server waits, and drops a client that stays blocked for its write wait
+    (10 s by default). Ctrl-C is seen once stdout takes output again.
+
 Exit status:
   0-255  the command's own; 128+N when signal N ended it (143 after a cancel)
   2      invalid flags, or no command
-  120    the server could not be reached, or is not a WebSocket server
+  120    the server could not be reached (TLS included), or is not a ccexecutor server
+         (an HTTP answer other than 101, 401 or 403)
   121    the server refused the session (HTTP 401 or 403, session limit)
-  122    the server refused the command (invalid params, command not allowed)
+  122    the server refused the command (invalid params, command not allowed, request
+         too large)
   123    the connection was lost before the command completed
   130    a second Ctrl-C disconnected before the command completed
 
@@ -50,7 +61,7 @@ Flags:
 // sit where commands seldom go; 124 (timeout(1)) and 126 and 127 (the shell's) are avoided.
 const (
 	exitUsage       = 2   // invalid flags, or no command
-	exitUnreachable = 120 // no WebSocket server answered at the URL
+	exitUnreachable = 120 // no ccexecutor server answered at the URL
 	exitRefused     = 121 // the server refused the session: HTTP 401 or 403, session limit
 	exitRequest     = 122 // the server answered execute with an error
 	exitLost        = 123 // the connection ended before process.completed
@@ -61,7 +72,11 @@ const (
 const (
 	connectTimeout = 10 * time.Second // time to connect, upgrade and receive the connected notification
 	requestWait    = 10 * time.Second // time a request, or the closing frame, may take to be written
-	refusalBytes   = 1 << 10          // how much of the handshake answer is kept to explain a refusal
+	refusalBytes   = 1 << 10          // how much of a refusal's body is read to explain it
+	readAhead      = 32 << 20         // bytes of frames read ahead of a blocked stdout; past them the server waits
+	maxMessage     = 64 << 20         // largest frame received; a larger one is skipped with a note
+	outBufSize     = 64 << 10         // size of the buffers of stdout and stderr
+	readChunk      = 64 << 10         // memory the frames that have arrived are read into; once full, they are handed over
 )
 
 // executeID is the id of the execute request, the first request of a session; control
@@ -110,8 +125,9 @@ func notef(format string, a ...any) {
 type runOptions struct {
 	url         string
 	token       string
-	json        bool // print frames rather than output
-	pauseOnTSTP bool // SIGTSTP pauses the command, SIGCONT resumes it
+	json        bool        // print frames rather than output
+	pauseOnTSTP bool        // SIGTSTP pauses the command, SIGCONT resumes it
+	tls         *tls.Config // for a wss:// URL
 	params      execParams
 }
 
@@ -152,6 +168,8 @@ func parseRun(args []string) (*runOptions, error) {
 		return nil
 	})
 	fs.BoolVar(&o.json, "json", false, "print every frame from the server on stdout, one JSON object a line, instead of the output")
+	cacert := fs.String("cacert", "", "trust the CA certificates in PEM `file` for a wss:// URL, besides the system's")
+	insecure := fs.Bool("insecure-skip-tls-verify", false, "do not check the server's certificate of a wss:// URL (for tests only: anyone between could read and run commands)")
 	fs.BoolVar(&o.pauseOnTSTP, "pause-on-tstp", false, "SIGTSTP (Ctrl-Z) pauses the command and SIGCONT resumes it; the client itself keeps running")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -168,16 +186,38 @@ func parseRun(args []string) (*runOptions, error) {
 	if o.token == "" {
 		o.token = os.Getenv("CC_EXECUTOR_TOKEN")
 	}
-	if u, err := url.Parse(o.url); err != nil || u.Scheme != "ws" && u.Scheme != "wss" || u.Host == "" {
+	u, err := url.Parse(o.url)
+	if err != nil || u.Scheme != "ws" && u.Scheme != "wss" || u.Host == "" {
 		return nil, fmt.Errorf("invalid --url %q: want ws://HOST:PORT/PATH or wss://HOST:PORT/PATH", o.url)
+	}
+	if u.Scheme != "wss" && (*cacert != "" || *insecure) {
+		return nil, fmt.Errorf("--cacert and --insecure-skip-tls-verify are for a wss:// URL, not %q", o.url)
+	}
+	o.tls = &tls.Config{InsecureSkipVerify: *insecure}
+	if *cacert != "" {
+		pem, err := os.ReadFile(*cacert)
+		if err != nil {
+			return nil, fmt.Errorf("--cacert: %v", err)
+		}
+		if o.tls.RootCAs, err = x509.SystemCertPool(); err != nil {
+			o.tls.RootCAs = x509.NewCertPool()
+		}
+		if !o.tls.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--cacert: no PEM certificate in %s", *cacert)
+		}
 	}
 	return o, nil
 }
 
 // run runs the command of o on the server and returns its exit status, or an *exitError.
 func (o *runOptions) run() (int, error) {
-	c := &runner{json: o.json}
-	if err := c.connect(o.url, o.token); err != nil {
+	c := &runner{
+		json:   o.json,
+		stdout: bufio.NewWriterSize(os.Stdout, outBufSize),
+		stderr: bufio.NewWriterSize(os.Stderr, outBufSize),
+	}
+	defer c.flush() // what connect printed with --json, even when it fails
+	if err := c.connect(o); err != nil {
 		return 0, err
 	}
 	sigs := make(chan os.Signal, 4)
@@ -188,82 +228,82 @@ func (o *runOptions) run() (int, error) {
 	}
 	defer signal.Stop(sigs)
 
-	frames := make(chan readResult)
+	in := newInbox()
 	quit := make(chan struct{})
 	var wg sync.WaitGroup
-	wg.Go(func() { c.read(frames, quit) }) // returns when a read fails (Close below ends it) or quit is closed
+	wg.Go(func() { c.read(in, quit) }) // returns when a read fails (close below ends it) or quit is closed
 	defer func() {
+		c.flush()
 		close(quit)
-		c.ws.SetWriteDeadline(time.Now().Add(requestWait))
-		c.ws.Close()
+		c.ws.close()
 		wg.Wait()
 	}()
 	if err := c.call("execute", o.params); err != nil {
 		return 0, exitf(exitLost, "connection lost before the command was sent: %v", err)
 	}
-	return c.wait(frames, sigs)
+	return c.wait(in, sigs)
 }
 
 // A runner is one session with the server, for one command. Its reader goroutine receives the
-// frames; everything else, writing requests included, is done by the goroutine that calls wait.
+// frames into an inbox; everything else, writing requests included, is done by the goroutine
+// that calls wait.
 type runner struct {
-	ws     *websocket.Conn
-	json   bool         // print frames rather than output
-	lastID int          // id of the last request sent
-	buf    bytes.Buffer // a frame being printed
+	ws      *wsConn
+	json    bool          // print frames rather than output
+	lastID  int           // id of the last request sent
+	started bool          // the server accepted the execute request
+	stdout  *bufio.Writer // flushed whenever no frame is waiting, and before stderr is written
+	stderr  *bufio.Writer // flushed whenever no frame is waiting, and before stdout is written
+	line    []byte        // the output line being decoded
+	buf     bytes.Buffer  // a frame being printed
 }
 
-// connect opens the session: it dials the server at rawURL, upgrades the connection presenting
-// token, and reads the server's first frame, which must be the connected notification. It
+// connect opens the session: it dials the server at o.url, upgrades the connection presenting
+// o.token, and reads the server's first frame, which must be the connected notification. It
 // gives up after connectTimeout.
-func (c *runner) connect(rawURL, token string) error {
-	u, err := url.Parse(rawURL)
+func (c *runner) connect(o *runOptions) error {
+	u, err := url.Parse(o.url)
 	if err != nil {
-		return exitf(exitUsage, "invalid --url %q: %v", rawURL, err)
+		return exitf(exitUsage, "invalid --url %q: %v", o.url, err)
 	}
-	// x/net/websocket always sends an Origin; the server accepts the one of its own host.
-	scheme, port := "http", "80"
-	if u.Scheme == "wss" {
-		scheme, port = "https", "443"
+	port := u.Port()
+	if port == "" {
+		port = map[string]string{"ws": "80", "wss": "443"}[u.Scheme]
 	}
-	if u.Port() != "" {
-		port = u.Port()
-	}
-	cfg, err := websocket.NewConfig(rawURL, scheme+"://"+u.Host)
-	if err != nil {
-		return exitf(exitUsage, "invalid --url %q: %v", rawURL, err)
-	}
-	if token != "" {
-		cfg.Header.Set("Authorization", "Bearer "+token)
-	}
-
 	deadline := time.Now().Add(connectTimeout)
 	d := &net.Dialer{Deadline: deadline}
 	addr := net.JoinHostPort(u.Hostname(), port)
 	var nc net.Conn
 	if u.Scheme == "wss" {
-		nc, err = (&tls.Dialer{NetDialer: d}).Dial("tcp", addr)
+		nc, err = (&tls.Dialer{NetDialer: d, Config: o.tls}).Dial("tcp", addr)
 	} else {
 		nc, err = d.Dial("tcp", addr)
 	}
 	if err != nil {
-		return exitf(exitUnreachable, "cannot reach the server at %s: %v", rawURL, err)
+		return exitf(exitUnreachable, "cannot reach the server at %s: %v%s", o.url, err, tlsHint(err))
 	}
 	nc.SetDeadline(deadline)
-	rc := &recordingConn{Conn: nc}
-	ws, err := websocket.NewClient(cfg, rc)
+	header := make(http.Header)
+	if o.token != "" {
+		header.Set("Authorization", "Bearer "+o.token)
+	}
+	ws, err := wsHandshake(nc, u, header, requestWait)
 	if err != nil {
 		nc.Close()
-		if errors.Is(err, websocket.ErrBadStatus) {
-			return exitf(exitRefused, "server refused the session: %s", refusal(rc.head))
+		var r *refusedError
+		switch {
+		case errors.As(err, &r) && (r.status == http.StatusUnauthorized || r.status == http.StatusForbidden):
+			return exitf(exitRefused, "server refused the session: %s", r.text)
+		case errors.As(err, &r):
+			return exitf(exitUnreachable, "no ccexecutor server at %s: %s", o.url, r.text)
 		}
-		return exitf(exitUnreachable, "no WebSocket server at %s: %v", rawURL, err)
+		return exitf(exitUnreachable, "no WebSocket server at %s: %v", o.url, err)
 	}
 	c.ws = ws
 
-	var first []byte
-	if err := websocket.Message.Receive(ws, &first); err != nil {
-		ws.Close()
+	first, err := ws.next(nil, maxMessage)
+	if err != nil {
+		nc.Close()
 		return exitf(exitRefused, "the server did not start a session: %v", err)
 	}
 	var m serverFrame
@@ -272,47 +312,28 @@ func (c *runner) connect(rawURL, token string) error {
 		c.print(first)
 	}
 	if m.Method != "connected" {
-		ws.Close()
+		ws.close()
 		if m.Error != nil {
 			return exitf(exitRefused, "server refused the session: %s (code %d)", m.Error.Message, m.Error.Code)
 		}
 		return exitf(exitRefused, "the server did not start a session: first frame %.100q", first)
 	}
-	ws.SetDeadline(time.Time{})
+	nc.SetDeadline(time.Time{})
 	return nil
 }
 
-// recordingConn is a connection that keeps the first refusalBytes bytes read from it, so that the
-// answer to a refused handshake can be reported.
-type recordingConn struct {
-	net.Conn
-	head []byte
-}
-
-func (c *recordingConn) Read(b []byte) (int, error) {
-	n, err := c.Conn.Read(b)
-	if room := refusalBytes - len(c.head); room > 0 {
-		c.head = append(c.head, b[:min(n, room)]...)
+// tlsHint tells which flag helps with err, when it is a failure to verify the server's
+// certificate.
+func tlsHint(err error) string {
+	var h x509.HostnameError
+	var v *tls.CertificateVerificationError
+	switch {
+	case errors.As(err, &h):
+		return " (use the host name the certificate names in --url, or --insecure-skip-tls-verify to skip the check)"
+	case errors.As(err, &v):
+		return " (give the certificate of the CA that signed it with --cacert FILE, or skip the check with --insecure-skip-tls-verify)"
 	}
-	return n, err
-}
-
-// refusal describes the HTTP answer, of which head is the start, that refused a handshake.
-func refusal(head []byte) string {
-	resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(head)), nil)
-	if err != nil {
-		return "HTTP status not 101"
-	}
-	defer resp.Body.Close()
-	msg := "HTTP " + resp.Status
-	body, _ := io.ReadAll(resp.Body) // what the head holds of it is enough
-	if line, _, _ := strings.Cut(strings.TrimSpace(string(body)), "\n"); line != "" && len(line) <= 200 {
-		msg += ": " + line
-	}
-	if resp.StatusCode == http.StatusUnauthorized {
-		msg += " (check --token or CC_EXECUTOR_TOKEN)"
-	}
-	return msg
+	return ""
 }
 
 // serverFrame is any frame the server sends: a response or a notification. Params holds the
@@ -332,24 +353,127 @@ type serverFrame struct {
 	} `json:"params"`
 }
 
-// readResult is a frame from the server, or the error that ended reading.
-type readResult struct {
-	data []byte
-	err  error
+// An inbox holds the frames read from the server until the runner has printed them, up to
+// readAhead bytes: the reader goroutine goes on reading, and answering Pings, while stdout
+// is blocked (a pager, a slow pipe), and only a consumer that falls readAhead behind makes the
+// server wait. Frames come in chunks, the memory they were read into, which go back to the
+// reader once printed.
+type inbox struct {
+	ready chan struct{} // holds a token while frames or the error wait to be taken
+	room  chan struct{} // holds a token after taken frames were printed
+	free  chan []byte   // printed chunks, for the reader to read into again
+
+	mu     sync.Mutex
+	frames [][]byte // read, not yet taken
+	chunks [][]byte // the chunks of frames
+	held   int      // bytes of the chunks read and not yet printed: frames', and those taken
+	err    error    // why reading ended: the last thing put
 }
 
-// read hands the frames it receives to frames until a read fails, the failure included, or
-// until quit is closed. A frame too large to receive is handed on as its error, and skipped.
-func (c *runner) read(frames chan<- readResult, quit <-chan struct{}) {
+func newInbox() *inbox {
+	return &inbox{ready: make(chan struct{}, 1), room: make(chan struct{}, 1), free: make(chan []byte, 4)}
+}
+
+// put adds frames, which lie in chunk, and the error that ended reading if err is not nil, and
+// then waits while readAhead bytes are held. It returns false if quit was closed meanwhile.
+func (in *inbox) put(frames [][]byte, chunk []byte, err error, quit <-chan struct{}) bool {
+	in.mu.Lock()
+	in.frames = append(in.frames, frames...)
+	in.chunks = append(in.chunks, chunk)
+	in.held += len(chunk)
+	if err != nil {
+		in.err = err
+	}
+	in.mu.Unlock()
+	select {
+	case in.ready <- struct{}{}:
+	default:
+	}
 	for {
-		var r readResult
-		r.err = websocket.Message.Receive(c.ws, &r.data)
-		select {
-		case frames <- r:
-		case <-quit:
-			return
+		in.mu.Lock()
+		full := in.held >= readAhead
+		in.mu.Unlock()
+		if !full {
+			return true
 		}
-		if r.err != nil && !errors.Is(r.err, websocket.ErrFrameTooLarge) {
+		select {
+		case <-in.room:
+		case <-quit:
+			return false
+		}
+	}
+}
+
+// take returns the frames waiting and their chunks, and the error that ended reading once
+// they are all taken. The chunks count as held until they are given to done.
+func (in *inbox) take() (frames, chunks [][]byte, err error) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	frames, chunks = in.frames, in.chunks
+	in.frames, in.chunks = nil, nil
+	if len(frames) > 0 {
+		return frames, chunks, nil
+	}
+	return nil, chunks, in.err
+}
+
+// done releases taken chunks, printed.
+func (in *inbox) done(chunks [][]byte) {
+	n := 0
+	for _, c := range chunks {
+		n += len(c)
+		if cap(c) == readChunk {
+			select {
+			case in.free <- c[:0]:
+			default:
+			}
+		}
+	}
+	in.mu.Lock()
+	in.held -= n
+	in.mu.Unlock()
+	select {
+	case in.room <- struct{}{}:
+	default:
+	}
+}
+
+// chunk returns memory to read frames into: a printed chunk, or a new one.
+func (in *inbox) chunk() []byte {
+	select {
+	case c := <-in.free:
+		return c
+	default:
+		return make([]byte, 0, readChunk)
+	}
+}
+
+// read puts the frames it receives into in until a read fails, the failure included, or until
+// quit is closed. The frames that have already arrived are read into one chunk of memory and
+// put together, so that fast output costs a few hand-overs, not one per line. A frame too
+// large to receive is put as an empty frame, and skipped.
+func (c *runner) read(in *inbox, quit <-chan struct{}) {
+	var frames [][]byte
+	for {
+		chunk := in.chunk()
+		frames = frames[:0]
+		var err error
+		for {
+			var b []byte
+			b, err = c.ws.next(chunk, maxMessage)
+			if errors.Is(err, errFrameTooLarge) {
+				b, err = chunk, nil // an empty frame, which handle notes
+			}
+			if err != nil {
+				break
+			}
+			frames = append(frames, b[len(chunk):len(b):len(b)])
+			// Stop at the frames that have arrived, or when the next may not fit.
+			if chunk = b; c.ws.br.Buffered() == 0 || cap(chunk)-len(chunk) < readChunk/16 {
+				break
+			}
+		}
+		if !in.put(frames, chunk, err, quit) || err != nil {
 			return
 		}
 	}
@@ -367,8 +491,7 @@ func (c *runner) call(method string, params any) error {
 	if err != nil {
 		return err
 	}
-	c.ws.SetWriteDeadline(time.Now().Add(requestWait))
-	return websocket.Message.Send(c.ws, string(b)) // a string goes as a text frame
+	return c.ws.write(opText, b)
 }
 
 // control sends a control request of type typ.
@@ -378,48 +501,88 @@ func (c *runner) control(typ string) error {
 
 // wait writes the run's output as it arrives and acts on signals until process.completed
 // reports the end of the command, and returns the command's exit status. The first SIGINT
-// cancels the command and the second gives up on it.
-func (c *runner) wait(frames <-chan readResult, sigs <-chan os.Signal) (int, error) {
+// cancels the command and the second gives up on it. Output is flushed whenever no frame is
+// waiting, so that it appears at once, yet goes out in large writes when it comes fast. A
+// signal is acted on between frames: while stdout is blocked, it waits.
+func (c *runner) wait(in *inbox, sigs <-chan os.Signal) (int, error) {
 	canceled := false
 	for {
-		select {
-		case r := <-frames:
-			switch {
-			case errors.Is(r.err, websocket.ErrFrameTooLarge):
-				notef("skipped a frame from the server larger than %d bytes", websocket.DefaultMaxPayloadBytes)
+		frames, chunks, err := in.take()
+		if len(frames) == 0 && err == nil {
+			c.flush()
+			select {
+			case <-in.ready:
 				continue
-			case r.err == io.EOF:
-				return 0, exitf(exitLost, "connection lost before the command completed: closed by the server")
-			case r.err != nil:
-				return 0, exitf(exitLost, "connection lost before the command completed: %v", r.err)
+			case sig := <-sigs:
+				if status, err := c.signal(sig, &canceled); err != nil {
+					return status, err
+				}
+				continue
 			}
-			if done, status, err := c.handle(r.data, canceled); done {
+		}
+		for _, f := range frames {
+			if done, status, err := c.handle(f, canceled); done {
 				return status, err
 			}
+		}
+		in.done(chunks)
+		switch {
+		case err == nil:
+		case errors.Is(err, io.EOF):
+			return 0, exitf(exitLost, "connection lost before the command completed: closed by the server")
+		case errors.Is(err, io.ErrUnexpectedEOF):
+			return 0, exitf(exitLost, "connection lost before the command completed: it ended inside a frame")
+		default:
+			return 0, exitf(exitLost, "connection lost before the command completed: %v", err)
+		}
+		select {
 		case sig := <-sigs:
-			var err error
-			switch {
-			case sig == syscall.SIGTSTP:
-				err = c.control("PAUSE")
-			case sig == syscall.SIGCONT:
-				err = c.control("RESUME")
-			case canceled:
-				return 0, exitf(exitInterrupted, "interrupted: disconnected before the command completed")
-			default:
-				canceled = true
-				err = c.control("CANCEL")
+			if status, err := c.signal(sig, &canceled); err != nil {
+				return status, err
 			}
-			if err != nil {
-				return 0, exitf(exitLost, "connection lost before the command completed: %v", err)
-			}
+		default:
 		}
 	}
 }
 
+// signal acts on sig. It returns an *exitError when the run is over.
+func (c *runner) signal(sig os.Signal, canceled *bool) (int, error) {
+	var err error
+	switch {
+	case sig == syscall.SIGTSTP:
+		err = c.control("PAUSE")
+	case sig == syscall.SIGCONT:
+		err = c.control("RESUME")
+	case *canceled:
+		return 0, exitf(exitInterrupted, "interrupted: disconnected before the command completed")
+	default:
+		*canceled = true
+		err = c.control("CANCEL")
+	}
+	if err != nil {
+		return 0, exitf(exitLost, "connection lost before the command completed: %v", err)
+	}
+	return 0, nil
+}
+
 // handle acts on one frame: it prints it (with --json) or the output it carries, and reports
 // done once the run is over, with the command's exit status or an *exitError. canceled says that
-// the client asked for the cancel, which then needs no note.
+// the client asked for the cancel, which then needs no note. An empty frame stands for one that
+// was too large to receive.
 func (c *runner) handle(data []byte, canceled bool) (done bool, status int, err error) {
+	if len(data) == 0 {
+		c.notef("skipped a frame from the server larger than %d bytes", maxMessage)
+		return false, 0, nil
+	}
+	if !c.json && kind(data) == msgOutput {
+		line, stderr, err := decodeOutput(data, c.line[:0])
+		if err != nil {
+			return true, 0, exitf(exitLost, "invalid frame from the server: %v", err)
+		}
+		c.line = line
+		c.output(stderr, line)
+		return false, 0, nil
+	}
 	var m serverFrame
 	if err := json.Unmarshal(data, &m); err != nil {
 		return true, 0, exitf(exitLost, "invalid frame from the server: %v", err)
@@ -432,31 +595,55 @@ func (c *runner) handle(data []byte, canceled bool) (done bool, status int, err 
 		if m.Error != nil {
 			return true, 0, exitf(exitRequest, "server refused the command: %s (code %d)", m.Error.Message, m.Error.Code)
 		}
-	case len(m.ID) > 0:
+		c.started = true
+	case len(m.ID) > 0 && string(m.ID) != "null":
 		// The answer to a control request. An error can only mean that the run has just
 		// ended, and its process.completed is on its way.
+	case m.Error != nil && !c.started:
+		// An error without an id answers a request the server could not read: while execute
+		// is unanswered, that is execute.
+		return true, 0, exitf(exitRequest, "server refused the command: %s (code %d)", m.Error.Message, m.Error.Code)
 	case m.Error != nil:
-		notef("server: %s (code %d)", m.Error.Message, m.Error.Code)
-	case m.Method == "process.output" && !c.json:
-		if m.Params.Type == "stderr" {
-			os.Stderr.WriteString(m.Params.Data)
-		} else {
-			os.Stdout.WriteString(m.Params.Data)
-		}
+		c.notef("server: %s (code %d)", m.Error.Message, m.Error.Code)
 	case m.Method == "process.paused":
-		notef("paused; resume with kill -CONT %d", os.Getpid())
+		c.notef("paused; resume with kill -CONT %d", os.Getpid())
 	case m.Method == "process.error" && m.Params.Error != nil:
-		notef("server: %s", *m.Params.Error)
+		c.notef("server: %s", *m.Params.Error)
 	case m.Method == "process.completed":
 		if m.Params.ExitCode == nil {
 			return true, 0, exitf(exitLost, "process.completed without exit_code")
 		}
 		if e := m.Params.Error; e != nil && !(canceled && *e == "canceled") {
-			notef("%s", *e)
+			c.notef("%s", *e)
 		}
 		return true, exitStatus(*m.Params.ExitCode), nil
 	}
 	return false, 0, nil
+}
+
+// output writes a line of the command's output to the client's stdout or stderr. What was
+// buffered for the other one is flushed first, so that a terminal shows the two in order.
+func (c *runner) output(stderr bool, line []byte) {
+	w, other := c.stdout, c.stderr
+	if stderr {
+		w, other = c.stderr, c.stdout
+	}
+	if other.Buffered() > 0 {
+		other.Flush()
+	}
+	w.Write(line)
+}
+
+// flush writes what is buffered for stdout and stderr.
+func (c *runner) flush() {
+	c.stdout.Flush()
+	c.stderr.Flush()
+}
+
+// notef prints a note of the client's own on stderr, after the output buffered before it.
+func (c *runner) notef(format string, a ...any) {
+	c.flush()
+	notef(format, a...)
 }
 
 // print writes frame data on stdout as one line of compact JSON.
@@ -466,7 +653,7 @@ func (c *runner) print(data []byte) {
 		return // handle reports it
 	}
 	c.buf.WriteByte('\n')
-	os.Stdout.Write(c.buf.Bytes())
+	c.stdout.Write(c.buf.Bytes())
 }
 
 // exitStatus is the status a shell gives a command that process.completed reports with code:

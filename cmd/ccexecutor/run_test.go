@@ -528,7 +528,7 @@ func TestRunAccess(t *testing.T) {
 		{"token flag over env", locked, []string{"CC_EXECUTOR_TOKEN=nope"}, []string{"--token", "s3cret"}, 0, ""},
 		{"session limit", full, nil, nil, exitRefused, "server refused the session: Session limit exceeded (code -32001)"},
 		{"HTTP 403", runURL(forbidden), nil, nil, exitRefused, "server refused the session: HTTP 403 Forbidden: forbidden: origin not allowed"},
-		{"wrong path", strings.TrimSuffix(full, "/ws/mcp") + "/nope", nil, nil, exitRefused, "HTTP 404 Not Found"},
+		{"wrong path", strings.TrimSuffix(full, "/ws/mcp") + "/nope", nil, nil, exitUnreachable, "no ccexecutor server at " + strings.TrimSuffix(full, "/ws/mcp") + "/nope: HTTP 404 Not Found"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			res := execRun(t, runEnv(tt.env...), append(append([]string{"--url", tt.url}, tt.args...), "--", "echo in")...)
@@ -634,7 +634,7 @@ func TestRunUsage(t *testing.T) {
 		if res.code != 0 {
 			t.Errorf("exit status = %d, want 0", res.code)
 		}
-		for _, want := range []string{"Exit status:", "120", "121", "122", "123", "130", "-pause-on-tstp"} {
+		for _, want := range []string{"Exit status:", "120", "121", "122", "123", "130", "-pause-on-tstp", "-cacert", "-insecure-skip-tls-verify", "/dev/null", "U+FFFD", "binary output is not preserved", "is cut", "32 MiB"} {
 			if !strings.Contains(res.stderr, want) {
 				t.Errorf("usage does not mention %q:\n%s", want, res.stderr)
 			}
@@ -660,10 +660,13 @@ func TestRefusal(t *testing.T) {
 		{"HTTP/1.1 403 Forbidden\r\nContent-Length: 39\r\n\r\nforbidden: host is not a loopback name\n", "HTTP 403 Forbidden: forbidden: host is not a loopback name"},
 		{"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", "HTTP 503 Service Unavailable"},
 		{"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 100\r\n\r\n<html>cut", "HTTP 502 Bad Gateway: <html>cut"},
-		{"SSH-2.0-OpenSSH_9.6\r\n", "HTTP status not 101"},
-		{"", "HTTP status not 101"},
+		{"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n" + strings.Repeat("x", 2000), "HTTP 200 OK"},
 	} {
-		if got := refusal([]byte(tt.head)); got != tt.want {
+		resp, err := http.ReadResponse(bufio.NewReader(strings.NewReader(tt.head)), nil)
+		if err != nil {
+			t.Fatalf("%q: %v", tt.head, err)
+		}
+		if got := refusal(resp); got != tt.want {
 			t.Errorf("refusal(%q) = %q, want %q", tt.head, got, tt.want)
 		}
 	}

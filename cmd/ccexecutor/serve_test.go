@@ -359,21 +359,27 @@ func TestFlags(t *testing.T) {
 		env  []string
 		want string // in stderr
 	}{
-		{"max-sessions 0", []string{"--max-sessions", "0"}, nil, "--max-sessions must be positive, got 0"},
-		{"max-sessions negative", []string{"--max-sessions", "-3"}, nil, "--max-sessions must be positive, got -3"},
-		{"max-sessions not a number", []string{"--max-sessions", "many"}, nil, `invalid value "many" for flag -max-sessions`},
-		{"max-line-bytes 0", []string{"--max-line-bytes", "0"}, nil, "--max-line-bytes must be positive"},
-		{"max-message-bytes negative", []string{"--max-message-bytes", "-1"}, nil, "--max-message-bytes must be positive"},
+		{"max-sessions 0", []string{"--max-sessions", "0"}, nil, `invalid value "0" for flag -max-sessions: must be positive`},
+		{"max-sessions negative", []string{"--max-sessions", "-3"}, nil, `invalid value "-3" for flag -max-sessions: must be positive`},
+		{"max-sessions not a number", []string{"--max-sessions", "many"}, nil, `invalid value "many" for flag -max-sessions: want a whole number`},
+		{"max-sessions overflows", []string{"--max-sessions", "9223372036854775808"}, nil, `invalid value "9223372036854775808" for flag -max-sessions: out of range: at most 9223372036854775807`},
+		{"max-line-bytes 0", []string{"--max-line-bytes", "0"}, nil, `invalid value "0" for flag -max-line-bytes: must be positive`},
+		{"max-message-bytes negative", []string{"--max-message-bytes", "-1"}, nil, `invalid value "-1" for flag -max-message-bytes: must be positive`},
 		{"stream-timeout abc", []string{"--stream-timeout", "abc"}, nil, `invalid value "abc" for flag -stream-timeout: want seconds or a duration`},
 		{"stream-timeout 0", []string{"--stream-timeout", "0"}, nil, `invalid value "0" for flag -stream-timeout: must be positive`},
-		{"stream-timeout overflows", []string{"--stream-timeout", "1e300"}, nil, `invalid value "1e300" for flag -stream-timeout`},
+		{"stream-timeout overflows", []string{"--stream-timeout", "1e300"}, nil, `invalid value "1e300" for flag -stream-timeout: out of range: at most 2562047h47m16s`},
+		{"stream-timeout just overflows", []string{"--stream-timeout", "9223372037"}, nil, `invalid value "9223372037" for flag -stream-timeout: out of range: at most 2562047h47m16s`},
+		{"kill-grace duration overflows", []string{"--kill-grace", "2562047h48m"}, nil, `invalid value "2562047h48m" for flag -kill-grace: out of range: at most 2562047h47m16s`},
 		{"kill-grace negative", []string{"--kill-grace", "-1s"}, nil, `invalid value "-1s" for flag -kill-grace: must be positive`},
-		{"ping-interval NaN", []string{"--ping-interval", "NaN"}, nil, `invalid value "NaN" for flag -ping-interval`},
+		{"ping-interval NaN", []string{"--ping-interval", "NaN"}, nil, `invalid value "NaN" for flag -ping-interval: not a number`},
 		{"write-wait 0", []string{"--write-wait", "0s"}, nil, `invalid value "0s" for flag -write-wait: must be positive`},
-		{"log-level", []string{"--log-level", "loud"}, nil, `invalid --log-level "loud"`},
+		{"log-level", []string{"--log-level", "loud"}, nil, `invalid value "loud" for flag -log-level: want debug, info, warn or error`},
+		{"LOG_LEVEL=loud", nil, []string{"LOG_LEVEL=loud"}, `invalid LOG_LEVEL="loud": want debug, info, warn or error`},
 		{"unknown flag", []string{"--max-session", "5"}, nil, "flag provided but not defined: -max-session"},
 		{"MAX_SESSIONS=x", nil, []string{"MAX_SESSIONS=x"}, `invalid MAX_SESSIONS="x"`},
-		{"MAX_SESSIONS=0", nil, []string{"MAX_SESSIONS=0"}, "--max-sessions must be positive, got 0"},
+		{"MAX_SESSIONS=0", nil, []string{"MAX_SESSIONS=0"}, `invalid MAX_SESSIONS="0": must be positive`},
+		{"STREAM_TIMEOUT overflows", nil, []string{"STREAM_TIMEOUT=1e300"}, `invalid STREAM_TIMEOUT="1e300": out of range`},
+		{"ADDR without port", nil, []string{"ADDR=127.0.0.1"}, `invalid ADDR="127.0.0.1": want host:port`},
 		{"KILL_GRACE=soon", nil, []string{"KILL_GRACE=soon"}, `invalid KILL_GRACE="soon"`},
 		{"INSECURE=maybe", nil, []string{"INSECURE=maybe"}, `invalid INSECURE="maybe"`},
 		{"all interfaces without a token", []string{"--addr", "0.0.0.0:0"}, nil, "refusing to listen on 0.0.0.0:0 without a token"},
@@ -382,9 +388,9 @@ func TestFlags(t *testing.T) {
 		{"a name without a token", []string{"--addr", "example.com:0"}, nil, "refusing to listen on example.com:0 without a token"},
 		{"ADDR on all interfaces without a token", nil, []string{"ADDR=0.0.0.0:0"}, "refusing to listen on 0.0.0.0:0 without a token"},
 		{"empty token", []string{"--addr", "0.0.0.0:0", "--token", ""}, []string{"CC_EXECUTOR_TOKEN=x"}, "refusing to listen on 0.0.0.0:0 without a token"},
-		{"address without port", []string{"--addr", "127.0.0.1"}, nil, `invalid address "127.0.0.1"`},
+		{"address without port", []string{"--addr", "127.0.0.1"}, nil, `invalid value "127.0.0.1" for flag -addr: want host:port`},
 		{"port out of range", []string{"--addr", "127.0.0.1:70000"}, nil, `invalid port "70000"`},
-		{"DEFAULT_PORT not a number", nil, []string{"DEFAULT_PORT=http"}, `invalid port "http"`},
+		{"DEFAULT_PORT not a number", nil, []string{"DEFAULT_PORT=http"}, `invalid DEFAULT_PORT="http": invalid port "http"`},
 		// An argument that is not a flag stops flag parsing: the flags after it would be
 		// dropped without a word, here the allowlist, and the server would run any command.
 		{"argument before flags", []string{"--addr", "127.0.0.1:0", "8003", "--allowed-commands", "echo"}, nil, "8003"},
@@ -438,7 +444,48 @@ func TestFlags(t *testing.T) {
 				t.Errorf("-h does not show -%s:\n%s", flag, res.stderr)
 			}
 		}
+		// Each default once, and the real one: a default written into the usage text used to
+		// come out next to the flag package's, taken before the default was set: "(default
+		// 5s) (default 0s)".
+		for line := range strings.Lines(res.stderr) {
+			if strings.Count(line, "(default") > 1 || strings.Contains(line, "(default 0s)") {
+				t.Errorf("-h: %q", line)
+			}
+		}
+		for _, want := range []string{"(env KILL_GRACE) (default 5s)\n", "(env STREAM_TIMEOUT) (default 5m0s)\n", "(env MAX_SESSIONS) (default 100)\n"} {
+			if !strings.Contains(res.stderr, want) {
+				t.Errorf("-h does not say %q:\n%s", want, res.stderr)
+			}
+		}
 	})
+
+	// A flag given wins over its environment variable, which is then not even checked.
+	t.Run("flag over invalid env", func(t *testing.T) {
+		s := startServe(t, serveEnv("MAX_SESSIONS=x", "LOG_LEVEL=loud", "ADDR=nope", "STREAM_TIMEOUT=1e300"),
+			"--max-sessions", "3", "--log-level", "warn", "--addr", "127.0.0.1:0", "--stream-timeout", "9s")
+		if s.addr == "" {
+			t.Fatal("no address")
+		}
+	})
+
+	// Listening on all addresses, the listening line names one a client can connect to.
+	for _, tt := range []struct{ addr, host string }{
+		{"0.0.0.0:0", "127.0.0.1"},
+		{":0", "127.0.0.1"},
+		{"[::]:0", "::1"},
+	} {
+		t.Run("listening on "+tt.addr, func(t *testing.T) {
+			s := startServe(t, serveEnv(), "--addr", tt.addr, "--token", "x")
+			if host, _, _ := net.SplitHostPort(s.addr); host != tt.host {
+				t.Errorf("listening line names %s, want host %s", s.addr, tt.host)
+			}
+			c, err := net.DialTimeout("tcp", s.addr, runWait)
+			if err != nil {
+				t.Fatalf("the listening line's address: %v", err)
+			}
+			c.Close()
+		})
+	}
 }
 
 // runServe runs the server binary with args, and fails the test if it starts to listen; it
