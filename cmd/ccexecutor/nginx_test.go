@@ -49,13 +49,13 @@ func TestNginx(t *testing.T) {
 	certFile, keyFile, roots := writeCert(t, dir)
 	port := freePort(t)
 	proxyURL := "wss://127.0.0.1:" + port + "/ws/mcp"
-	// Behind the proxy the instances see Host: localhost, and ccexecutor run sends the Origin
-	// of its URL: it must be allowed, as the config explains for browser pages.
-	origin := "https://127.0.0.1:" + port
-	a := startServe(t, serveEnv("INSTANCE=a"), "serve", "--addr", "127.0.0.1:0", "--ping-interval", nginxPing, "--allow-origin", origin)
-	b := startServe(t, serveEnv("INSTANCE=b"), "serve", "--addr", "127.0.0.1:0", "--ping-interval", nginxPing, "--allow-origin", origin)
+	// Behind the proxy the instances see Host: localhost. ccexecutor run sends no Origin, as a
+	// client that is not a browser, so the instances need no --allow-origin for it.
+	a := startServe(t, serveEnv("INSTANCE=a"), "serve", "--addr", "127.0.0.1:0", "--ping-interval", nginxPing)
+	b := startServe(t, serveEnv("INSTANCE=b"), "serve", "--addr", "127.0.0.1:0", "--ping-interval", nginxPing)
 	startNginx(t, nginx, dir, port, certFile, keyFile, roots, a.addr, b.addr)
-	env := runEnv("SSL_CERT_FILE=" + certFile) // Go's TLS takes the test's CA from there
+	env := runEnv()
+	client := []string{"--url", proxyURL, "--cacert", certFile} // the test's own CA
 
 	t.Run("100 sessions and a run longer than proxy_read_timeout", func(t *testing.T) {
 		const sessions = 100
@@ -65,7 +65,7 @@ func TestNginx(t *testing.T) {
 		}
 		long := &jobs[sessions]
 		long.command = "sleep 3; echo slept" // silent for longer than nginxReadTimeout
-		runJobs(env, proxyURL, jobs, 8)
+		runJobs(env, client, jobs, 8)
 
 		served := map[string]int{}
 		for i, j := range jobs[:sessions] {
@@ -103,7 +103,7 @@ func TestNginx(t *testing.T) {
 		t.Cleanup(func() { os.WriteFile(release, nil, 0o644) })
 		held := make([]*heldRun, 10)
 		for i := range held {
-			held[i] = startHeld(t, env, proxyURL, fmt.Sprintf(`echo "$INSTANCE"; while [ ! -e %s ]; do sleep 0.05; done; echo released`, release))
+			held[i] = startHeld(t, env, client, fmt.Sprintf(`echo "$INSTANCE"; while [ ! -e %s ]; do sleep 0.05; done; echo released`, release))
 		}
 		count := map[string]int{}
 		for _, h := range held {
@@ -130,7 +130,7 @@ func TestNginx(t *testing.T) {
 		for i := range jobs {
 			jobs[i].command = `echo "$INSTANCE"`
 		}
-		runJobs(env, proxyURL, jobs, 5)
+		runJobs(env, client, jobs, 5)
 		for i, j := range jobs {
 			if j.err != nil || j.code != 0 || j.stdout != "b\n" {
 				t.Errorf("new session %d after a was killed: exit status %d, %v, stdout %q, stderr %q; want b", i, j.code, j.err, j.stdout, j.stderr)
@@ -159,7 +159,7 @@ type clientJob struct {
 }
 
 // runJobs runs the jobs' clients, parallel at most at once, and returns when all have ended.
-func runJobs(env []string, url string, jobs []clientJob, parallel int) {
+func runJobs(env, client []string, jobs []clientJob, parallel int) {
 	sem := make(chan struct{}, parallel)
 	var wg sync.WaitGroup
 	for i := range jobs {
@@ -169,7 +169,7 @@ func runJobs(env []string, url string, jobs []clientJob, parallel int) {
 			defer func() { <-sem }()
 			ctx, cancel := context.WithTimeout(context.Background(), runWait)
 			defer cancel()
-			cmd := exec.CommandContext(ctx, binPath, "run", "--url", url, "--", j.command)
+			cmd := exec.CommandContext(ctx, binPath, runArgs(client, j.command)...)
 			cmd.Env = env
 			var stdout, stderr bytes.Buffer
 			cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -198,10 +198,10 @@ type heldRun struct {
 
 // startHeld starts "ccexecutor run --url url -- command"; it is killed at the end of the test
 // if it is still running then.
-func startHeld(t *testing.T, env []string, url, command string) *heldRun {
+func startHeld(t *testing.T, env, client []string, command string) *heldRun {
 	t.Helper()
 	h := &heldRun{exited: make(chan struct{}), lines: newLineWriter()}
-	h.cmd = exec.Command(binPath, "run", "--url", url, "--", command)
+	h.cmd = exec.Command(binPath, runArgs(client, command)...)
 	h.cmd.Env = env
 	h.cmd.Stdout, h.cmd.Stderr = h.lines, &h.stderr
 	if err := h.cmd.Start(); err != nil {
@@ -441,4 +441,9 @@ http {
 	if resp.StatusCode != http.StatusNotFound {
 		t.Errorf("GET /metrics through nginx: HTTP %s, want 404", resp.Status)
 	}
+}
+
+// runArgs are the arguments of ccexecutor run with the flags client, for command.
+func runArgs(client []string, command string) []string {
+	return append(append([]string{"run"}, client...), "--", command)
 }
