@@ -198,8 +198,7 @@ type client struct {
 	br       *bufio.Reader
 	id       int
 	backlog  []msg // notifications read while waiting for something else
-	wantExit int   // for TestCancellationCleanup's rows
-	err      error // how the connection ended, for readUntil
+	closeErr error // how the connection ended, for readUntil
 	closed   struct {
 		code   int // status of the close frame received, or 0
 		reason string
@@ -595,19 +594,19 @@ func cycleUntilShutdown(t *testing.T, ts *testServer, i int) bool {
 	}
 	c.tryWriteFrame(0x8, []byte{0x03, 0xe8})
 	c.readUntil(func(msg) bool { return false })
-	if errors.Is(c.err, os.ErrDeadlineExceeded) {
+	if errors.Is(c.closeErr, os.ErrDeadlineExceeded) {
 		t.Errorf("cycle %d: the server neither answered nor closed the connection", i)
 	}
 	return true
 }
 
-// readUntil reads frames until one satisfies ok, or the connection ends; it records in c.err
-// how it ended.
+// readUntil reads frames until one satisfies ok, or the connection ends, which it records in
+// c.closeErr.
 func (c *client) readUntil(ok func(m msg) bool) {
 	for {
 		m, err := c.read()
 		if err != nil {
-			c.err = err
+			c.closeErr = err
 			return
 		}
 		if ok(m) {
@@ -854,6 +853,8 @@ func TestStreamTimeout(t *testing.T) {
 	}{
 		{"sleep", "echo ready; sleep 300"},
 		{"ignores SIGTERM, with a grandchild", "trap '' TERM; sleep 300 & echo ready; sleep 300"},
+		// Ended by the timeout, so failed although its exit code is 0.
+		{"exits 0 on SIGTERM", "trap 'exit 0' TERM; echo ready; sleep 300"},
 	}
 	for _, row := range realRows {
 		t.Run("real process/"+row.name, func(t *testing.T) {
@@ -1134,43 +1135,57 @@ func (r repeatReader) Read(p []byte) (int, error) {
 // process.completed after a cancel, left a paused group stopped, and leaked processes and
 // sessions when a client vanished. Every way a run can end must end and reap the whole group,
 // including a background grandchild and a child that ignores SIGTERM, and free what the
-// session held.
+// session held. A run that was ended is failed with its cause whatever its exit code; a paused
+// group gets SIGCONT, so that it can act on SIGTERM; and a group that exits within the kill
+// grace is not killed.
 func TestCancellationCleanup(t *testing.T) {
+	const grace = 300 * time.Millisecond
 	commands := []struct {
 		name, command string
-		exit          int // how the leader must end: SIGTERM acted on, or SIGKILL after the grace
+		exit          int           // how the leader ends: by SIGTERM, by SIGKILL after the grace, by its trap
+		last          string        // the last line it prints, from its SIGTERM trap; "" for none
+		grace         time.Duration // the server's kill grace
 	}{
-		{"background grandchild", "sleep 300 & echo ready; sleep 300", -int(syscall.SIGTERM)},
-		{"ignores SIGTERM", "trap '' TERM; sleep 300 & echo ready; sleep 300", -int(syscall.SIGKILL)},
+		{"background grandchild", "sleep 300 & echo ready; sleep 300", -int(syscall.SIGTERM), "", grace},
+		{"ignores SIGTERM", "trap '' TERM; sleep 300 & echo ready; sleep 300", -int(syscall.SIGKILL), "", grace},
+		// Exit code 0, yet failed with its cause: a status taken from the exit code alone
+		// would say completed.
+		{"exits 0 on SIGTERM", "trap 'exit 0' TERM; sleep 300 & echo ready; wait", 0, "", grace},
+		// Its trap takes a quarter of the grace: no SIGKILL may cut it short. While paused, it
+		// runs its trap only if SIGCONT reached it before the grace ran out.
+		{"takes a while to exit on SIGTERM", "trap 'sleep 0.5; echo bye; exit 3' TERM; sleep 300 & echo ready; wait", 3, "bye\n", 2 * time.Second},
 	}
 	ends := []struct {
 		name  string
 		cause string // the error of process.completed, when the client sees it
-		end   func(t *testing.T, ts *testServer, c *client)
+		// end ends the run; after, if not nil, checks what follows its process.completed.
+		end func(t *testing.T, ts *testServer, c *client, pgid int) (after func())
 	}{
-		{"CANCEL", "canceled", func(t *testing.T, ts *testServer, c *client) {
+		{"CANCEL", "canceled", func(t *testing.T, ts *testServer, c *client, pgid int) func() {
 			c.call("control", map[string]any{"type": "CANCEL"})
+			return nil
 		}},
-		{"CANCEL while paused", "canceled", func(t *testing.T, ts *testServer, c *client) {
+		{"CANCEL while paused", "canceled", func(t *testing.T, ts *testServer, c *client, pgid int) func() {
 			c.call("control", map[string]any{"type": "PAUSE"})
+			waitGroupState(t, pgid, stopped, "stopped")
 			c.call("control", map[string]any{"type": "CANCEL"})
+			return nil
 		}},
 		{"stream timeout", "stream timeout after 1s", nil}, // the run's timeout ends it
-		{"client disconnect", "", func(t *testing.T, ts *testServer, c *client) {
+		{"client disconnect", "", func(t *testing.T, ts *testServer, c *client, pgid int) func() {
 			c.close()
+			return nil
 		}},
-		{"Shutdown", "server shutting down", func(t *testing.T, ts *testServer, c *client) {
+		{"Shutdown", "server shutting down", func(t *testing.T, ts *testServer, c *client, pgid int) func() {
 			shut := make(chan error, 1)
 			go func() { shut <- ts.Shutdown(t.Context()) }() // returns once every session is over
-			done, _ := c.until("process.completed")
-			if done.Params.Error == nil || *done.Params.Error != "server shutting down" || *done.Params.ExitCode != c.wantExit {
-				t.Errorf("process.completed = %s, want exit code %d", done.raw, c.wantExit)
-			}
-			if _, err := c.read(); err != io.EOF || c.closed.code != 1001 {
-				t.Errorf("after shutdown: %v, close code %d; want close 1001", err, c.closed.code)
-			}
-			if err := <-shut; err != nil {
-				t.Errorf("Shutdown: %v", err)
+			return func() {
+				if _, err := c.read(); err != io.EOF || c.closed.code != 1001 {
+					t.Errorf("after shutdown: %v, close code %d; want close 1001", err, c.closed.code)
+				}
+				if err := <-shut; err != nil {
+					t.Errorf("Shutdown: %v", err)
+				}
 			}
 		}},
 	}
@@ -1178,30 +1193,44 @@ func TestCancellationCleanup(t *testing.T) {
 		for _, end := range ends {
 			t.Run(cmd.name+"/"+end.name, func(t *testing.T) {
 				t.Parallel()
-				ts := newTestServer(t, Config{KillGrace: 300 * time.Millisecond})
+				ts := newTestServer(t, Config{KillGrace: cmd.grace})
 				c := dial(t, ts.addr)
 				c.connected()
-				c.wantExit = cmd.exit
 				params := map[string]any{}
 				if end.end == nil {
 					params["timeout"] = 1
 				}
 				pgid, _ := c.start(cmd.command, params)
+				var after func()
 				if end.end != nil {
-					end.end(t, ts, c)
+					after = end.end(t, ts, c, pgid)
 				}
-				switch end.name {
-				case "client disconnect", "Shutdown":
+				if end.cause == "" {
 					// The server closed the connection only after the session ended.
 					if n := ts.sessions.len(); n != 0 {
 						t.Errorf("sessions = %d after the session ended, want 0", n)
 					}
-				default:
-					done, _ := c.until("process.completed")
-					if p := done.Params; p.Status != "failed" || p.Error == nil || *p.Error != end.cause || *p.ExitCode != cmd.exit {
-						t.Errorf("process.completed = %s, want error %q and exit code %d", done.raw, end.cause, cmd.exit)
+				} else {
+					done, before := c.until("process.completed")
+					p := done.Params
+					if p.Status != "failed" || p.Error == nil || *p.Error != end.cause || p.ExitCode == nil || *p.ExitCode != cmd.exit {
+						t.Errorf("process.completed = %s, want failed with error %q and exit code %d",
+							done.raw, end.cause, cmd.exit)
 					}
-					c.assertWorks()
+					var last string
+					for _, m := range before {
+						if m.Method == "process.output" {
+							last = m.Params.Data
+						}
+					}
+					if cmd.last != "" && last != cmd.last {
+						t.Errorf("last output %q, want %q from the SIGTERM trap", last, cmd.last)
+					}
+					if after != nil {
+						after()
+					} else {
+						c.assertWorks()
+					}
 				}
 				assertGroupGone(t, pgid)
 			})
