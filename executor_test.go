@@ -1186,6 +1186,9 @@ func TestCancellationCleanup(t *testing.T) {
 				if err := <-shut; err != nil {
 					t.Errorf("Shutdown: %v", err)
 				}
+				if n := ts.sessions.len(); n != 0 {
+					t.Errorf("sessions = %d after Shutdown returned, want 0", n)
+				}
 			}
 		}},
 	}
