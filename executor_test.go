@@ -22,6 +22,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"testing/synctest"
@@ -197,7 +198,7 @@ type client struct {
 	br       *bufio.Reader
 	id       int
 	backlog  []msg // notifications read while waiting for something else
-	wantExit int   // for TestCancellationCleanup's rows
+	closeErr error // how the connection ended, for readUntil
 	closed   struct {
 		code   int // status of the close frame received, or 0
 		reason string
@@ -248,6 +249,13 @@ func tryDial(t *testing.T, addr string, h http.Header) (*client, *http.Response,
 // writeFrame sends one masked frame, as a client must.
 func (c *client) writeFrame(op byte, payload []byte) {
 	c.t.Helper()
+	if err := c.tryWriteFrame(op, payload); err != nil {
+		c.t.Fatalf("write frame: %v", err)
+	}
+}
+
+// tryWriteFrame is writeFrame for a client that expects the server to close the connection.
+func (c *client) tryWriteFrame(op byte, payload []byte) error {
 	b := []byte{0x80 | op}
 	switch n := len(payload); {
 	case n <= 125:
@@ -263,9 +271,8 @@ func (c *client) writeFrame(op byte, payload []byte) {
 		b = append(b, x^mask[i%4])
 	}
 	c.c.SetWriteDeadline(time.Now().Add(20 * time.Second))
-	if _, err := c.c.Write(b); err != nil {
-		c.t.Fatalf("write frame: %v", err)
-	}
+	_, err := c.c.Write(b)
+	return err
 }
 
 // readFrame reads one frame; control frames other than close are returned like the rest.
@@ -462,7 +469,8 @@ func (c *client) close() {
 // TestSessionLocking guards against FIX_001_RACE_CONDITION: the Python service read and wrote
 // its session map from concurrent handlers without a lock, so that sessions were lost or
 // counted twice under load. Many sessions connect, run, and disconnect at the same time while
-// others read the count; the race detector must stay silent and the count return to zero.
+// others read the count, and Shutdown comes while sessions are being admitted and removed; the
+// race detector must stay silent and the count return to zero.
 func TestSessionLocking(t *testing.T) {
 	cycles := 240
 	if testing.Short() {
@@ -481,42 +489,196 @@ func TestSessionLocking(t *testing.T) {
 		{"disconnect mid-run", func(c *client, i int) { c.start("echo ready; sleep 300", nil) }},
 		{"disconnect before any run", func(c *client, i int) {}},
 	}
-	ts := newTestServer(t, Config{KillGrace: time.Second})
-	var wg sync.WaitGroup
-	for w := range 8 {
-		wg.Go(func() {
-			for i := w; i < cycles; i += 8 {
-				row := rows[i%len(rows)]
-				c := dial(t, ts.addr)
-				c.connected()
-				row.cycle(c, i)
-				c.close()
-			}
-		})
-	}
-	for range 2 {
-		wg.Go(func() { // reads the count while sessions come and go
-			for i := 0; i < cycles; i++ {
-				resp, err := http.Get("http://" + ts.addr + "/health")
-				if err != nil {
-					t.Error(err)
-					return
+
+	t.Run("sessions come and go", func(t *testing.T) {
+		ts := newTestServer(t, Config{KillGrace: time.Second})
+		var wg sync.WaitGroup
+		for w := range 8 {
+			wg.Go(func() { // returns after its share of the cycles
+				for i := w; i < cycles; i += 8 {
+					row := rows[i%len(rows)]
+					c := dial(t, ts.addr)
+					c.connected()
+					row.cycle(c, i)
+					c.close()
 				}
-				resp.Body.Close()
-			}
-		})
+			})
+		}
+		for range 2 {
+			wg.Go(func() { // reads the count while sessions come and go; returns after cycles reads
+				for i := 0; i < cycles; i++ {
+					resp, err := http.Get("http://" + ts.addr + "/health")
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					resp.Body.Close()
+				}
+			})
+		}
+		wg.Wait()
+		if n := ts.sessions.len(); n != 0 {
+			t.Errorf("%d sessions left after every client disconnected, want 0", n)
+		}
+	})
+
+	// Shutdown sets the registry's closing flag and reads its map while handlers add and remove
+	// sessions: without the lock in registry.close, or in remove, the race detector reports it
+	// here. Each client connects again and again, in the cycles of the rows above, until the
+	// server refuses it; Shutdown comes once each has had a session.
+	t.Run("Shutdown while sessions come and go", func(t *testing.T) {
+		ts := newTestServer(t, Config{KillGrace: time.Second})
+		const clients = 8
+		var admitted, wg sync.WaitGroup
+		admitted.Add(clients)
+		for w := range clients {
+			wg.Go(func() { // returns once the server refuses a connection: it is shutting down
+				first := true
+				for i := w; ; i += clients {
+					if !cycleUntilShutdown(t, ts, i) {
+						return
+					}
+					if first {
+						admitted.Done()
+						first = false
+					}
+				}
+			})
+		}
+		admitted.Wait()
+		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+		defer cancel()
+		if err := ts.Shutdown(ctx); err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+		if n := ts.sessions.len(); n != 0 {
+			t.Errorf("%d sessions left after Shutdown returned, want 0", n)
+		}
+		wg.Wait()
+	})
+}
+
+// cycleUntilShutdown connects to ts and runs the i-th of TestSessionLocking's cycles (a run to
+// completion, a disconnect mid-run, a disconnect before any run), any step of which Shutdown
+// may cut short. It reports false if the server refused the connection because it is shutting
+// down, and fails the test if the session ends in any way that is not the protocol's.
+func cycleUntilShutdown(t *testing.T, ts *testServer, i int) bool {
+	c, resp, err := tryDial(t, ts.addr, nil)
+	switch {
+	case err != nil:
+		t.Errorf("dial: %v", err)
+		return false
+	case resp.StatusCode == http.StatusServiceUnavailable:
+		return false // Shutdown has begun
+	case resp.StatusCode != http.StatusSwitchingProtocols:
+		t.Errorf("dial: HTTP %s", resp.Status)
+		return false
 	}
-	wg.Wait()
-	if n := ts.sessions.len(); n != 0 {
-		t.Errorf("%d sessions left after every client disconnected, want 0", n)
+	m, err := c.read()
+	switch {
+	case err == io.EOF && c.closed.code == 1001:
+		return false // the registry admits no more
+	case err != nil || m.Method != "connected":
+		t.Errorf("first frame: %s, %v (close code %d)", m.raw, err, c.closed.code)
+		return false
+	}
+	// From here on the server may end the session at any moment: a failed write only means
+	// that it did, and the reads below then see the close frame.
+	switch i % 3 {
+	case 0: // run to completion
+		c.tryWriteFrame(0x1, []byte(`{"jsonrpc":"2.0","method":"execute","params":{"command":"echo done"},"id":1}`))
+		c.readUntil(func(m msg) bool { return m.Method == "process.completed" })
+	case 1: // disconnect mid-run
+		c.tryWriteFrame(0x1, []byte(`{"jsonrpc":"2.0","method":"execute","params":{"command":"echo ready; sleep 300"},"id":1}`))
+		c.readUntil(func(m msg) bool { return m.Method == "process.output" })
+	}
+	c.tryWriteFrame(0x8, []byte{0x03, 0xe8})
+	c.readUntil(func(msg) bool { return false })
+	if errors.Is(c.closeErr, os.ErrDeadlineExceeded) {
+		t.Errorf("cycle %d: the server neither answered nor closed the connection", i)
+	}
+	return true
+}
+
+// readUntil reads frames until one satisfies ok, or the connection ends, which it records in
+// c.closeErr.
+func (c *client) readUntil(ok func(m msg) bool) {
+	for {
+		m, err := c.read()
+		if err != nil {
+			c.closeErr = err
+			return
+		}
+		if ok(m) {
+			return
+		}
 	}
 }
 
 // TestSessionLimit guards against FIX_002_SESSION_LIMIT: the Python service accepted any
 // number of sessions. One beyond the limit must get the -32001 error and a close frame with
 // status 1008, concurrent connects must never exceed the limit, and a freed slot must be
-// usable at once.
+// usable at once. The check against the limit and the insert must be one step: a registry
+// that checks under one lock and inserts under another admits two sessions into the last slot.
 func TestSessionLimit(t *testing.T) {
+	// Many callers race for the last free slot, with registry.add and remove in a loop: the
+	// registry never holds more than limit sessions. A check and an insert that are two steps
+	// let a second caller check between the first one's check and insert, and both get the
+	// slot. The race needs no sleep: the callers hammer the one mutex from every processor, so
+	// that a caller waiting for it often takes it between another caller's check and insert.
+	for _, limit := range []int{1, 2, 3} {
+		t.Run(fmt.Sprintf("registry.add at once/limit=%d", limit), func(t *testing.T) {
+			adds := 40000 // per caller
+			if testing.Short() {
+				adds = 10000
+			}
+			callers := 16 * runtime.GOMAXPROCS(0)
+			r := registry{max: limit, sessions: map[*session]struct{}{}, drained: make(chan struct{})}
+			for range limit - 1 {
+				if err := r.add(&session{}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var admitted, refused, overflows atomic.Int64
+			var ready, wg sync.WaitGroup
+			ready.Add(callers)
+			start := make(chan struct{})
+			for range callers {
+				wg.Go(func() { // returns after its adds
+					ready.Done()
+					<-start
+					s := &session{}
+					for range adds {
+						switch err := r.add(s); err {
+						case nil:
+						case errLimit:
+							refused.Add(1)
+							continue
+						default:
+							t.Errorf("add = %v", err)
+							return
+						}
+						admitted.Add(1)
+						if r.len() > limit {
+							overflows.Add(1)
+						}
+						r.remove(s)
+					}
+				})
+			}
+			ready.Wait() // every caller is running: close(start) releases them together
+			close(start)
+			wg.Wait()
+			if n := overflows.Load(); n > 0 {
+				t.Errorf("the registry held more than %d sessions %d times", limit, n)
+			}
+			if admitted.Load() == 0 || refused.Load() == 0 || r.len() != limit-1 {
+				t.Errorf("%d adds admitted, %d refused, %d sessions left; want some of each and %d left",
+					admitted.Load(), refused.Load(), r.len(), limit-1)
+			}
+		})
+	}
+
 	for _, limit := range []int{1, 3} {
 		t.Run(fmt.Sprintf("limit=%d", limit), func(t *testing.T) {
 			ts := newTestServer(t, Config{MaxSessions: limit})
@@ -691,6 +853,8 @@ func TestStreamTimeout(t *testing.T) {
 	}{
 		{"sleep", "echo ready; sleep 300"},
 		{"ignores SIGTERM, with a grandchild", "trap '' TERM; sleep 300 & echo ready; sleep 300"},
+		// Ended by the timeout, so failed although its exit code is 0.
+		{"exits 0 on SIGTERM", "trap 'exit 0' TERM; echo ready; sleep 300"},
 	}
 	for _, row := range realRows {
 		t.Run("real process/"+row.name, func(t *testing.T) {
@@ -973,43 +1137,60 @@ func (r repeatReader) Read(p []byte) (int, error) {
 // process.completed after a cancel, left a paused group stopped, and leaked processes and
 // sessions when a client vanished. Every way a run can end must end and reap the whole group,
 // including a background grandchild and a child that ignores SIGTERM, and free what the
-// session held.
+// session held. A run that was ended is failed with its cause whatever its exit code; a paused
+// group gets SIGCONT, so that it can act on SIGTERM; and a group that exits within the kill
+// grace is not killed.
 func TestCancellationCleanup(t *testing.T) {
+	const grace = 300 * time.Millisecond
 	commands := []struct {
 		name, command string
-		exit          int // how the leader must end: SIGTERM acted on, or SIGKILL after the grace
+		exit          int           // how the leader ends: by SIGTERM, by SIGKILL after the grace, by its trap
+		last          string        // the last line it prints, from its SIGTERM trap; "" for none
+		grace         time.Duration // the server's kill grace
 	}{
-		{"background grandchild", "sleep 300 & echo ready; sleep 300", -int(syscall.SIGTERM)},
-		{"ignores SIGTERM", "trap '' TERM; sleep 300 & echo ready; sleep 300", -int(syscall.SIGKILL)},
+		{"background grandchild", "sleep 300 & echo ready; sleep 300", -int(syscall.SIGTERM), "", grace},
+		{"ignores SIGTERM", "trap '' TERM; sleep 300 & echo ready; sleep 300", -int(syscall.SIGKILL), "", grace},
+		// Exit code 0, yet failed with its cause: a status taken from the exit code alone
+		// would say completed.
+		{"exits 0 on SIGTERM", "trap 'exit 0' TERM; sleep 300 & echo ready; wait", 0, "", grace},
+		// Its trap takes a quarter of the grace: no SIGKILL may cut it short. While paused, it
+		// runs its trap only if SIGCONT reached it before the grace ran out.
+		{"takes a while to exit on SIGTERM", "trap 'sleep 0.5; echo bye; exit 3' TERM; sleep 300 & echo ready; wait", 3, "bye\n", 2 * time.Second},
 	}
 	ends := []struct {
 		name  string
 		cause string // the error of process.completed, when the client sees it
-		end   func(t *testing.T, ts *testServer, c *client)
+		// end ends the run; after, if not nil, checks what follows its process.completed.
+		end func(t *testing.T, ts *testServer, c *client, pgid int) (after func())
 	}{
-		{"CANCEL", "canceled", func(t *testing.T, ts *testServer, c *client) {
+		{"CANCEL", "canceled", func(t *testing.T, ts *testServer, c *client, pgid int) func() {
 			c.call("control", map[string]any{"type": "CANCEL"})
+			return nil
 		}},
-		{"CANCEL while paused", "canceled", func(t *testing.T, ts *testServer, c *client) {
+		{"CANCEL while paused", "canceled", func(t *testing.T, ts *testServer, c *client, pgid int) func() {
 			c.call("control", map[string]any{"type": "PAUSE"})
+			waitGroupState(t, pgid, stopped, "stopped")
 			c.call("control", map[string]any{"type": "CANCEL"})
+			return nil
 		}},
 		{"stream timeout", "stream timeout after 1s", nil}, // the run's timeout ends it
-		{"client disconnect", "", func(t *testing.T, ts *testServer, c *client) {
+		{"client disconnect", "", func(t *testing.T, ts *testServer, c *client, pgid int) func() {
 			c.close()
+			return nil
 		}},
-		{"Shutdown", "server shutting down", func(t *testing.T, ts *testServer, c *client) {
+		{"Shutdown", "server shutting down", func(t *testing.T, ts *testServer, c *client, pgid int) func() {
 			shut := make(chan error, 1)
 			go func() { shut <- ts.Shutdown(t.Context()) }() // returns once every session is over
-			done, _ := c.until("process.completed")
-			if done.Params.Error == nil || *done.Params.Error != "server shutting down" || *done.Params.ExitCode != c.wantExit {
-				t.Errorf("process.completed = %s, want exit code %d", done.raw, c.wantExit)
-			}
-			if _, err := c.read(); err != io.EOF || c.closed.code != 1001 {
-				t.Errorf("after shutdown: %v, close code %d; want close 1001", err, c.closed.code)
-			}
-			if err := <-shut; err != nil {
-				t.Errorf("Shutdown: %v", err)
+			return func() {
+				if _, err := c.read(); err != io.EOF || c.closed.code != 1001 {
+					t.Errorf("after shutdown: %v, close code %d; want close 1001", err, c.closed.code)
+				}
+				if err := <-shut; err != nil {
+					t.Errorf("Shutdown: %v", err)
+				}
+				if n := ts.sessions.len(); n != 0 {
+					t.Errorf("sessions = %d after Shutdown returned, want 0", n)
+				}
 			}
 		}},
 	}
@@ -1017,30 +1198,44 @@ func TestCancellationCleanup(t *testing.T) {
 		for _, end := range ends {
 			t.Run(cmd.name+"/"+end.name, func(t *testing.T) {
 				t.Parallel()
-				ts := newTestServer(t, Config{KillGrace: 300 * time.Millisecond})
+				ts := newTestServer(t, Config{KillGrace: cmd.grace})
 				c := dial(t, ts.addr)
 				c.connected()
-				c.wantExit = cmd.exit
 				params := map[string]any{}
 				if end.end == nil {
 					params["timeout"] = 1
 				}
 				pgid, _ := c.start(cmd.command, params)
+				var after func()
 				if end.end != nil {
-					end.end(t, ts, c)
+					after = end.end(t, ts, c, pgid)
 				}
-				switch end.name {
-				case "client disconnect", "Shutdown":
+				if end.cause == "" {
 					// The server closed the connection only after the session ended.
 					if n := ts.sessions.len(); n != 0 {
 						t.Errorf("sessions = %d after the session ended, want 0", n)
 					}
-				default:
-					done, _ := c.until("process.completed")
-					if p := done.Params; p.Status != "failed" || p.Error == nil || *p.Error != end.cause || *p.ExitCode != cmd.exit {
-						t.Errorf("process.completed = %s, want error %q and exit code %d", done.raw, end.cause, cmd.exit)
+				} else {
+					done, before := c.until("process.completed")
+					p := done.Params
+					if p.Status != "failed" || p.Error == nil || *p.Error != end.cause || p.ExitCode == nil || *p.ExitCode != cmd.exit {
+						t.Errorf("process.completed = %s, want failed with error %q and exit code %d",
+							done.raw, end.cause, cmd.exit)
 					}
-					c.assertWorks()
+					var last string
+					for _, m := range before {
+						if m.Method == "process.output" {
+							last = m.Params.Data
+						}
+					}
+					if cmd.last != "" && last != cmd.last {
+						t.Errorf("last output %q, want %q from the SIGTERM trap", last, cmd.last)
+					}
+					if after != nil {
+						after()
+					} else {
+						c.assertWorks()
+					}
 				}
 				assertGroupGone(t, pgid)
 			})

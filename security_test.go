@@ -40,6 +40,7 @@ import (
 func TestAccess(t *testing.T) {
 	open := newTestServer(t, Config{AllowedOrigins: []string{"http://app.example"}})
 	locked := newTestServer(t, Config{Token: "s3cret"})
+	plain := newTestServer(t, Config{}) // the default: no token, no allowed origins
 	origin := func(o string) func(addr string) http.Header {
 		return func(addr string) http.Header {
 			return http.Header{"Origin": {strings.ReplaceAll(o, "ADDR", addr)}}
@@ -87,6 +88,9 @@ func TestAccess(t *testing.T) {
 		{name: "Host rebinding look-alike", ts: open, host: "127.0.0.1.evil.example", want: http.StatusForbidden},
 		{name: "Host localhost look-alike", ts: open, host: "localhost.evil.example", want: http.StatusForbidden},
 		{name: "Host foreign, Origin matching it", ts: open, host: "evil.example", header: origin("http://evil.example"), want: http.StatusForbidden},
+		// With nothing configured, the Origin check still holds: only the server's own origin.
+		{name: "default server, foreign origin", ts: plain, header: origin("http://evil.example"), want: http.StatusForbidden},
+		{name: "default server, same origin", ts: plain, header: origin("http://ADDR"), want: http.StatusSwitchingProtocols},
 		{name: "token missing", ts: locked, want: http.StatusUnauthorized},
 		{name: "token wrong", ts: locked, header: bearer("s3cre"), want: http.StatusUnauthorized},
 		{name: "token wrong, longer", ts: locked, header: bearer("s3cret2"), want: http.StatusUnauthorized},

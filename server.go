@@ -8,11 +8,12 @@
 //
 // FIX_001_RACE_CONDITION, session locking: the session map is touched only under the one mutex
 // of registry, in add, remove, close and len; the check against the limit and the insert happen
-// under the same lock. TestSessionLocking proves it under -race with concurrent sessions.
+// under the same lock. TestSessionLocking proves it under -race with concurrent sessions and a
+// Shutdown among them.
 //
 // FIX_002_SESSION_LIMIT, session limit: registry.add refuses a session beyond Config.MaxSessions
 // (default MaxSessions), and serveConn then sends the -32001 error and a close frame with status
-// 1008 without using a slot. TestSessionLimit proves it.
+// 1008 without using a slot. TestSessionLimit proves it, with goroutines racing for the last slot.
 //
 // FIX_003_STREAM_TIMEOUT, stream timeout: withStreamTimeout bounds every run, and supervise ends
 // the group when it expires; process.completed then says "stream timeout after <N>s".
