@@ -1017,6 +1017,21 @@ func waitGroupState(t *testing.T, pgid int, ok func(pid int, state byte) bool, w
 	}
 }
 
+// waitPaused waits until a PAUSE has taken effect on the group of pgid: every member stopped by
+// SIGSTOP or, for a run contained in a cgroup, the cgroup frozen, which the answer to PAUSE
+// has already waited for.
+func waitPaused(t *testing.T, ts *testServer, pgid int) {
+	t.Helper()
+	if kind, _ := ts.Containment(); kind == "cgroup" {
+		cg := cgroup{dir: cgroupDir(t, pgid)}
+		if _, frozen, err := cg.events(); err != nil || !frozen {
+			t.Fatalf("after PAUSE the cgroup of %d is not frozen (%v)", pgid, err)
+		}
+		return
+	}
+	waitGroupState(t, pgid, stopped, "stopped")
+}
+
 // TestPartialLines guards against FIX_005_PARTIAL_LINES: the Python service marked any line
 // ending in "..." as truncated, and a line over 8 MiB stopped its stream for good while the
 // child blocked. A line over the limit must be cut at a character boundary and marked, the
@@ -1169,7 +1184,7 @@ func TestCancellationCleanup(t *testing.T) {
 		}},
 		{"CANCEL while paused", "canceled", func(t *testing.T, ts *testServer, c *client, pgid int) func() {
 			c.call("control", map[string]any{"type": "PAUSE"})
-			waitGroupState(t, pgid, stopped, "stopped")
+			waitPaused(t, ts, pgid)
 			c.call("control", map[string]any{"type": "CANCEL"})
 			return nil
 		}},
