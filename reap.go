@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"unsafe"
 )
 
 // orphans is what the reaper needs to know: which children of this process belong to a run's
@@ -23,10 +24,9 @@ var orphans struct {
 	// an orphan.
 	forking sync.RWMutex
 
-	mu      sync.Mutex     // guards the fields below; held for map and channel work only
-	leaders map[int]bool   // PIDs of run leaders that their exec.Cmd.Wait has yet to reap
-	round   chan struct{}  // closed, and replaced, at the end of each reaping round
-	wake    chan os.Signal // the reaper's SIGCHLD channel; nil until SetSubreaper starts it
+	mu      sync.Mutex    // guards the fields below; held for map and channel work only
+	leaders map[int]bool  // PIDs of run leaders that their exec.Cmd.Wait has yet to reap
+	round   chan struct{} // closed, and replaced, at the end of each reaping round
 }
 
 // startReaper starts the goroutine that reaps the children of this process that no run waits
@@ -34,9 +34,6 @@ var orphans struct {
 var startReaper = sync.OnceFunc(func() {
 	wake := make(chan os.Signal, 1)
 	signal.Notify(wake, syscall.SIGCHLD)
-	orphans.mu.Lock()
-	orphans.wake = wake
-	orphans.mu.Unlock()
 	select {
 	case wake <- syscall.SIGCHLD: // a first round, for what exited before Notify
 	default: // a SIGCHLD is queued already
@@ -56,20 +53,36 @@ func reapLoop(wake <-chan os.Signal) {
 // of a run, and then ends the round. It names each PID it reaps (wait4(pid), never wait4(-1)),
 // so it cannot take the exit status that a run's exec.Cmd.Wait is waiting for.
 func reap() {
-	orphans.forking.Lock()
-	for _, pid := range childPIDs() {
-		if st, ok := readStat(pid); ok && st.state == 'Z' && !isLeader(pid) {
-			var ws syscall.WaitStatus
-			syscall.Wait4(pid, &ws, syscall.WNOHANG, nil) // ECHILD: a group's wait got there first
+	if anyZombie() {
+		orphans.forking.Lock()
+		for _, pid := range childPIDs() {
+			if st, ok := readStat(pid); ok && st.state == 'Z' && !isLeader(pid) {
+				var ws syscall.WaitStatus
+				syscall.Wait4(pid, &ws, syscall.WNOHANG, nil) // ECHILD: a group's wait got there first
+			}
 		}
+		orphans.forking.Unlock()
 	}
-	orphans.forking.Unlock()
 	orphans.mu.Lock()
 	if orphans.round != nil {
 		close(orphans.round)
 		orphans.round = nil
 	}
 	orphans.mu.Unlock()
+}
+
+// anyZombie reports whether a child of this process has exited and is not reaped yet, with a
+// waitid that only looks (WNOWAIT). Most rounds follow the exit of a leader that its
+// exec.Cmd.Wait has reaped already; this saves them the scan of every child.
+func anyZombie() bool {
+	const pAll = 0     // waitid's P_ALL: any child
+	var info [128]byte // siginfo_t; its first field, si_signo, is SIGCHLD if a child was found
+	_, _, errno := syscall.Syscall6(syscall.SYS_WAITID, pAll, 0, uintptr(unsafe.Pointer(&info)),
+		syscall.WEXITED|syscall.WNOHANG|syscall.WNOWAIT, 0, 0)
+	if errno == syscall.ECHILD {
+		return false // no child at all
+	}
+	return errno != 0 || *(*int32)(unsafe.Pointer(&info[0])) == int32(syscall.SIGCHLD)
 }
 
 func isLeader(pid int) bool {
@@ -109,13 +122,9 @@ func waitLeader(cmd *exec.Cmd) error {
 	err := cmd.Wait()
 	orphans.mu.Lock()
 	delete(orphans.leaders, cmd.Process.Pid)
-	wake := orphans.wake
 	orphans.mu.Unlock()
-	// Once reaped, the PID may be reused by an orphan that a round skipped as a leader.
-	select {
-	case wake <- syscall.SIGCHLD:
-	default: // a round is due already, or there is no reaper
-	}
+	// Should the PID be reused at once by an orphan that a round skipped as a leader, the next
+	// SIGCHLD reaps it.
 	return err
 }
 
@@ -124,6 +133,9 @@ func waitLeader(cmd *exec.Cmd) error {
 // group that reused the number, which the kernel allows only once the old group is empty.
 // Without the subreaper attribute no member of a run's group is ever a child of this process.
 func childInGroup(pgid int) bool {
+	if syscall.Kill(-pgid, 0) == syscall.ESRCH {
+		return false // no process at all is in the group: the usual case, without a scan
+	}
 	for _, pid := range childPIDs() {
 		if st, ok := readStat(pid); ok && st.pgrp == pgid {
 			return pid != pgid
