@@ -60,6 +60,14 @@ func (r *pipeReader) drain(idle time.Duration) {
 	r.f.SetReadDeadline(time.Now().Add(idle)) // for a Read that is waiting already
 }
 
+// stop is called, after drain, when the session ends (the server shuts down): then the
+// reader waits for no slow client, and the deadline that the last Read or drain set stays.
+func (r *pipeReader) stop() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.last = true
+}
+
 // unread is the number of bytes in pipe f that no Read has taken yet (FIONREAD).
 func unread(f *os.File) int64 {
 	var n int32

@@ -2,6 +2,7 @@ package ccexecutor
 
 import (
 	"bufio"
+	"context"
 	"io"
 	"os"
 	"strconv"
@@ -72,6 +73,39 @@ func TestOutputDelivered(t *testing.T) {
 				continue
 			}
 			break
+		}
+	})
+
+	// A server that shuts down waits for no slow client: it gives the pipes one kill grace,
+	// as before. Delivering the whole backlog at this pace would take half a minute.
+	t.Run("Shutdown with a slow client", func(t *testing.T) {
+		t.Parallel()
+		ts := newTestServer(t, Config{KillGrace: 200 * time.Millisecond})
+		c := dial(t, ts.addr)
+		c.connected()
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		c.br = bufio.NewReader(&pacedReader{r: c.br, tick: tick.C, perTick: 8 << 10})
+		c.start("seq 1 300000", nil)
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		shut := make(chan error, 1)
+		go func() { shut <- ts.Shutdown(ctx) }() // returns once every session is over, or at ctx's end
+		var done msg
+		for {
+			m, err := c.read()
+			if err != nil {
+				break // the close frame, after process.completed
+			}
+			if m.Method == "process.completed" {
+				done = m
+			}
+		}
+		if err := <-shut; err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+		if done.Params.Error == nil || *done.Params.Error != "server shutting down" {
+			t.Errorf("process.completed = %s", done.raw)
 		}
 	})
 

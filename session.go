@@ -242,7 +242,13 @@ func (s *session) runToEnd(ctx context.Context, r *run, timeout time.Duration) r
 	idle := s.srv.cfg.KillGrace
 	stdout.drain(idle)
 	stderr.drain(idle)
+	// A session that ends (Shutdown) waits for no slow client: the pipes get one kill grace.
+	cut := make(chan struct{})
+	stopCut := context.AfterFunc(s.ctx, func() { stdout.stop(); stderr.stop(); close(cut) })
 	wg.Wait()
+	if !stopCut() {
+		<-cut // the AfterFunc's goroutine has started: it returns at once
+	}
 	r.p.stdout.Close()
 	r.p.stderr.Close()
 	return runResult{r: r, exit: r.p.exitCode(), cause: cause, err: errors.Join(r.p.err, outErr, errErr)}
