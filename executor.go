@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -14,20 +15,23 @@ import (
 const prSetChildSubreaper = 36
 
 // SetSubreaper makes the calling process a child subreaper (Linux, PR_SET_CHILD_SUBREAPER): a
-// member of a run's process group whose parent exits is re-parented to this process instead of
-// to init, and the run then reaps it too, so that no zombie is left behind even where init does
+// process that a run leaves behind, in its group or out of it (setsid), and whose parent exits
+// is re-parented to this process instead of to init. It also starts the reaper, which reaps
+// each such child soon after it exits, so that no zombie is left behind even where init does
 // not reap. It affects the whole process, so the package never calls it by itself; the
-// ccexecutor binary calls it at start. Without it a run still ends its whole group but reaps only
-// the group's leader, and a member that outlived its parent gets SIGKILL without a grace period.
+// ccexecutor binary calls it at start. Without it a run still ends its whole group but reaps
+// only the group's leader, and a member that outlived its parent gets SIGKILL without a grace
+// period.
 //
-// Its limit: a process that leaves the run's group (setsid, setpgid) escapes the group's signals,
-// and if it outlives its parent it becomes a child of this process that no run reaps, a zombie
-// once it exits. Without a subreaper it would be init's, which may not reap it either.
+// The reaper reaps, by PID, every child of the process that has exited and is not the leader
+// of a run in progress. A program that calls SetSubreaper must therefore not start children of
+// its own and wait for them (exec.Cmd.Wait could find them reaped already).
 func SetSubreaper() error {
 	_, _, errno := syscall.RawSyscall(syscall.SYS_PRCTL, prSetChildSubreaper, 1, 0)
 	if errno != 0 {
 		return fmt.Errorf("ccexecutor: prctl(PR_SET_CHILD_SUBREAPER): %w", errno)
 	}
+	startReaper()
 	return nil
 }
 
@@ -53,10 +57,15 @@ type process struct {
 	cg     *cgroup // the run's cgroup, or nil
 
 	leader chan struct{} // closed by wait once the leader is reaped
-	empty  chan struct{} // closed by wait once no member of the group is left to reap
-	// err is why the leader could not be waited for, set before leader is closed, joined with
-	// why the run's cgroup could not be removed, set before empty is closed.
-	err error
+	err    error         // why the leader could not be waited for, set before leader is closed, joined with why the run's cgroup could not be removed
+
+	// kill is syscall.Kill; a test may fake it.
+	kill func(pid int, sig syscall.Signal) error
+	// recheck wakes wait after a signal, which may have changed the group without an exit.
+	recheck chan struct{}
+
+	mu    sync.Mutex    // makes signal's check of empty and its kill one step, see signal
+	empty chan struct{} // closed by wait, under mu, once no member of the group is left to reap
 }
 
 // start starts c in a new process group, with stdin /dev/null and stdout and stderr on pipes.
@@ -106,7 +115,7 @@ func startIn(c command, cg *cgroup) (*process, error) {
 	// read ends to us, so output can still be drained after the leader has exited.
 	cmd.Stdout, cmd.Stderr = outW, errW
 	cmd.SysProcAttr = attr
-	err = cmd.Start()
+	err = startLeader(cmd)
 	outW.Close()
 	errW.Close()
 	if err != nil {
@@ -115,13 +124,15 @@ func startIn(c command, cg *cgroup) (*process, error) {
 		return nil, fmt.Errorf("start %q: %w", c.args[0], err)
 	}
 	return &process{
-		pid:    cmd.Process.Pid,
-		stdout: outR,
-		stderr: errR,
-		cmd:    cmd,
-		cg:     cg,
-		leader: make(chan struct{}),
-		empty:  make(chan struct{}),
+		pid:     cmd.Process.Pid,
+		stdout:  outR,
+		stderr:  errR,
+		cmd:     cmd,
+		cg:      cg,
+		leader:  make(chan struct{}),
+		kill:    syscall.Kill,
+		recheck: make(chan struct{}, 1),
+		empty:   make(chan struct{}),
 	}, nil
 }
 
@@ -134,28 +145,37 @@ func growPipe(f *os.File) {
 	}
 }
 
-// wait reaps the leader, then every member of its group that is a child of this process (see
-// SetSubreaper), and returns once none is left, and, when the run is contained, once its
-// cgroup is empty and removed. It must run in its own goroutine for every started process; it
-// returns only after the group (the cgroup) has ended, which supervise ensures.
+// wait reaps the leader, then waits until no member of its group is a child of this process
+// (see SetSubreaper): the reaper reaps them as they exit; and, when the run is contained, until
+// its cgroup is empty and removed. It must run in its own goroutine for every started process;
+// it returns only after the group (the cgroup) has ended, which supervise ensures.
+//
+// It never blocks in wait4(-pgid): a member that is in the group when that call starts and
+// then leaves it (setsid) makes it wait for good, since only an exit in the group wakes it.
+// Instead it checks the children after each reaping round and after each signal to the group.
 func (p *process) wait() {
-	err := p.cmd.Wait()
+	err := waitLeader(p.cmd)
 	var exit *exec.ExitError
 	if err != nil && !errors.As(err, &exit) {
 		p.err = fmt.Errorf("wait for %d: %w", p.pid, err)
 	}
 	close(p.leader)
 	for {
-		// The leader is reaped, so wait4 only finds members re-parented to us.
-		_, err := syscall.Wait4(-p.pid, nil, 0, nil)
-		if err != syscall.EINTR && err != nil {
-			break // ECHILD: nothing of the group is left to reap
+		round := nextRound() // taken before the check, so that no round is missed
+		if !childInGroup(p.pid) {
+			break
+		}
+		select {
+		case <-round:
+		case <-p.recheck:
 		}
 	}
 	if p.cg != nil {
 		p.err = errors.Join(p.err, p.cg.remove(time.Time{}))
 	}
+	p.mu.Lock()
 	close(p.empty)
+	p.mu.Unlock()
 }
 
 // exitCode is the leader's exit status, or the negative number of the signal that ended it; -1
@@ -174,12 +194,29 @@ func (p *process) exitCode() int {
 }
 
 // signal sends sig to every process of the run: of its cgroup when it is contained (see
-// cgroup.signal), else of its process group.
+// cgroup.signal), else of its process group. Once wait has found the run gone it sends nothing
+// and returns ESRCH, as kill does for a group that is gone: the PGID may then be reused by an
+// unrelated group. The check and the kill are one step under mu, so the kill never follows the
+// close of empty.
 func (p *process) signal(sig syscall.Signal) error {
-	if p.cg != nil {
-		return p.cg.signal(sig)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	select {
+	case <-p.empty:
+		return syscall.ESRCH
+	default:
 	}
-	return syscall.Kill(-p.pid, sig)
+	var err error
+	if p.cg != nil {
+		err = p.cg.signal(sig)
+	} else {
+		err = p.kill(-p.pid, sig)
+	}
+	select {
+	case p.recheck <- struct{}{}:
+	default: // a recheck is pending already
+	}
+	return err
 }
 
 func (p *process) exited() <-chan struct{} { return p.leader }
@@ -197,9 +234,9 @@ func (p *process) pause(on bool, wait time.Duration) error {
 		return p.cg.freeze(on, wait)
 	}
 	if on {
-		return syscall.Kill(-p.pid, syscall.SIGSTOP)
+		return p.signal(syscall.SIGSTOP)
 	}
-	return syscall.Kill(-p.pid, syscall.SIGCONT)
+	return p.signal(syscall.SIGCONT)
 }
 
 // group is what supervise needs of a run's processes: its process group, or its cgroup.

@@ -29,20 +29,33 @@
 //
 // FIX_006_CANCELLED_CLEANUP, cancellation cleanup: every end of a run, be it cancel, timeout,
 // disconnect, shutdown or its own exit, goes through supervise, which ends the whole group with
-// SIGTERM, SIGCONT and SIGKILL after the kill grace, and through process.wait, which reaps it;
-// the session joins every goroutine before it frees its slot. TestCancellationCleanup proves it.
-// A process group is not a container, though: a process that calls setsid leaves it. Where
-// cgroup v2 is writable (Config.Cgroup, cgroup.go), each run therefore starts in a cgroup of its
-// own, and the group supervise ends is that cgroup: SIGTERM and SIGCONT to each of its
-// processes, cgroup.kill after the grace, and the run is over once cgroup.events says it is
-// empty; PAUSE freezes it. TestContainment proves it for escapees of every kind and every end
-// of a run, and TestContainmentLeftovers that a new server ends the runs a killed one left.
+// SIGTERM, SIGCONT and SIGKILL after the kill grace, and through process.wait, which reaps the
+// leader and returns once no member of the group is left to reap; the session joins every
+// goroutine before it frees its slot. TestCancellationCleanup proves it. With SetSubreaper,
+// reap also reaps, by PID, what a run leaves behind, in its group or out of it, and never a
+// leader that exec.Cmd.Wait waits for: TestOrphansReaped. process.wait never blocks in
+// wait4(-pgid), which a member that leaves the group would never wake: TestGroupEndsAfterEscape.
+// Once the group is found empty, process.signal sends nothing, since the PGID may be reused:
+// TestControlAfterGroupGone. pipeReader delivers what the group wrote however slowly the
+// client reads: TestOutputDelivered. A process group is not a container, though: a process
+// that calls setsid leaves it. Where cgroup v2 is writable (Config.Cgroup, cgroup.go), each run
+// therefore starts in a cgroup of its own, and the group supervise ends is that cgroup: SIGTERM
+// and SIGCONT to each of its processes, cgroup.kill after the grace, and the run is over once
+// cgroup.events says it is empty; PAUSE freezes it. TestContainment proves it for escapees of
+// every kind and every end of a run, and TestContainmentLeftovers that a new server ends the
+// runs a killed one left.
 //
 // # Concurrency
 //
 // The only mutex that spans sessions is registry.mu: it guards the session map and the closing
-// flag, and is held for map and counter work only, never across I/O. Everything else is owned
-// by one goroutine at a time and handed over on channels. Output is handed over in batches of
+// flag, and is held for map and counter work only, never across I/O. Below it, the reaper's
+// state is process-wide, as the children it reaps are (orphans in reap.go): orphans.mu guards
+// the set of run leaders, for map work only, and orphans.forking is read-held by each start
+// from the fork to the insert of its leader and write-held by a reaping round, which reads
+// /proc and calls wait4 with WNOHANG under it, so a round never takes a new leader for an
+// orphan. process.mu makes process.signal's check and kill one step against the close of
+// the group's empty channel. Everything else is owned by one goroutine at a time and handed
+// over on channels. Output is handed over in batches of
 // frames: each pump owns two, fills one while the writer writes the other and gets it back
 // once written, so a slow client slows the process through its pipe and pins at most two
 // batches per stream. (The rate limit of the refusal log has a mutex of its own, held for its
@@ -58,8 +71,8 @@
 // command runs, runToEnd, which exits once the process group is reaped, with its three:
 // process.wait, which with containment also waits (on inotify, no timer) until the run's cgroup
 // is empty, then removes it; and one pump per output stream, which exit at end of file or at
-// the read deadline set once the group is gone (with containment no writer outlives the
-// cgroup, so only a slow drain can meet that deadline; see process.contained). readLoop may
+// their pipe's deadline once the group is gone (see pipeReader; with containment no writer
+// outlives the cgroup, so the pipes are read to end of file with no deadline). readLoop may
 // also write, to answer a client's Ping; the connection's own lock (conn.mu, which guards
 // nothing but the order of writes) keeps those writes whole. The close frame that answers a
 // client's close, or fails the connection, is sent by writeLoop like any other frame, as the
@@ -68,7 +81,9 @@
 // A session frees its slot only after all of them have returned, and closes the connection
 // after that, so a client that sees the connection close may connect again at once. After a
 // protocol error it first lingers (conn.linger): it half-closes and reads until the client
-// closes its end, for at most WriteWait, so that its close frame is not lost to a reset.
+// closes its end, for at most WriteWait, so that its close frame is not lost to a reset. One
+// more goroutine belongs to the process, not to a session: reapLoop, which SetSubreaper starts
+// and which lives as long as the process, as the subreaper attribute does.
 package ccexecutor
 
 import (

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -267,16 +268,28 @@ func (s *session) runToEnd(ctx context.Context, r *run, timeout time.Duration) r
 	defer stop()
 	var wg sync.WaitGroup
 	var outErr, errErr error
-	wg.Go(r.p.wait)                                         // returns once the group is reaped, which supervise ensures
-	wg.Go(func() { outErr = s.pump("stdout", r.p.stdout) }) // returns at EOF, or at the read deadline below
-	wg.Go(func() { errErr = s.pump("stderr", r.p.stderr) }) // likewise
+	stdout, stderr := &pipeReader{f: r.p.stdout}, &pipeReader{f: r.p.stderr}
+	wg.Go(r.p.wait)                                     // returns once the group is reaped, which supervise ensures
+	wg.Go(func() { outErr = s.pump("stdout", stdout) }) // returns at EOF, or at its deadline once the group is gone
+	wg.Go(func() { errErr = s.pump("stderr", stderr) }) // likewise
 	cause := supervise(ctx, r.p, s.srv.cfg.KillGrace, s.srv.metrics.killed)
 	// The group is gone, so the pipes reach EOF once drained, unless a process that left the
-	// group still holds them: give the readers the kill grace, then stop them.
-	deadline := time.Now().Add(s.srv.cfg.KillGrace)
-	r.p.stdout.SetReadDeadline(deadline)
-	r.p.stderr.SetReadDeadline(deadline)
+	// group still holds them: read what the group wrote, whatever the pace of the client, then
+	// what comes after for at most the kill grace (see pipeReader). With containment no
+	// deadline: once the run's cgroup is empty, nothing can hold the pipes.
+	grace, idle := s.srv.cfg.KillGrace, s.srv.cfg.KillGrace
+	if r.p.contained() {
+		idle = 0
+	}
+	stdout.drain(idle)
+	stderr.drain(idle)
+	// A session that ends (Shutdown) waits for no slow client: the pipes get one kill grace.
+	cut := make(chan struct{})
+	stopCut := context.AfterFunc(s.ctx, func() { stdout.stop(grace); stderr.stop(grace); close(cut) })
 	wg.Wait()
+	if !stopCut() {
+		<-cut // the AfterFunc's goroutine has started: it returns at once
+	}
 	r.p.stdout.Close()
 	r.p.stderr.Close()
 	return runResult{r: r, exit: r.p.exitCode(), cause: cause, err: errors.Join(r.p.err, outErr, errErr)}
@@ -287,14 +300,14 @@ func (s *session) runToEnd(ctx context.Context, r *run, timeout time.Duration) r
 // fills one while the writer writes the other, which the writer then hands back. So a stream
 // never holds more than two batches, however slow the client, and the process waits on its
 // pipe meanwhile: that is the backpressure.
-func (s *session) pump(stream string, f *os.File) error {
+func (s *session) pump(stream string, pipe io.Reader) error {
 	free := make(chan *batch, 2)
 	free <- &batch{free: free}
 	b := &batch{free: free}
 	var scratch []byte
 	count := s.srv.metrics.stream(stream, &s.firstOut)
 	defer count.flush()
-	err := readLines(f, s.srv.cfg.MaxLineBytes, func(line []byte, dropped int, more bool) error {
+	err := readLines(pipe, s.srv.cfg.MaxLineBytes, func(line []byte, dropped int, more bool) error {
 		count.line(line, dropped, more)
 		scratch = appendOutput(scratch[:0], stream, line, dropped)
 		b.frames = appendFrame(b.frames, opText, scratch)
@@ -316,7 +329,7 @@ func (s *session) pump(stream string, f *os.File) error {
 	case err == nil || err == errClientGone:
 		return nil
 	case errors.Is(err, os.ErrDeadlineExceeded):
-		return errors.New("ccexecutor: " + stream + " was still open after the process group ended; stopped reading")
+		return errors.New("ccexecutor: " + stream + " was still held open by a process outside the group a kill grace after the group's output was read; stopped reading")
 	default:
 		return err
 	}
