@@ -271,7 +271,7 @@ func TestContainment(t *testing.T) {
 			// Nothing runs while frozen: the counter stands still while a process that is not
 			// frozen sleeps five times as long as the escapee does between two numbers.
 			at := count()
-			if err := exec.Command("sh", "-c", "for i in 1 2 3 4 5; do sleep 0.01; done").Run(); err != nil {
+			if err := runOwn(exec.Command("sh", "-c", "for i in 1 2 3 4 5; do sleep 0.01; done")); err != nil {
 				t.Fatal(err)
 			}
 			if now := count(); now != at {
@@ -366,13 +366,13 @@ func TestContainmentLeftovers(t *testing.T) {
 	}
 	left := exec.Command("sleep", "300")
 	left.SysProcAttr = &syscall.SysProcAttr{Setsid: true, UseCgroupFD: true, CgroupFD: int(d.Fd())}
-	err = left.Start()
+	err = startLeader(left) // this binary's own child: the reaper leaves it to Wait
 	d.Close()
 	if err != nil {
 		t.Fatal(err)
 	}
 	exited := make(chan error, 1)
-	go func() { exited <- left.Wait() }() // returns once sleep is killed
+	go func() { exited <- waitLeader(left) }() // returns once sleep is killed
 	// A run of a live server: this process is one.
 	owner, _ := ownerName(os.Getpid())
 	live := filepath.Join(parent, owner+"999999")

@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -54,6 +55,16 @@ func TestMain(m *testing.M) {
 // leakedGoroutines returns the stacks of the package's goroutines still running, but the
 // reaper that SetSubreaper started, waiting up to a few seconds for those that are on their way
 // out (closing a test server is asynchronous).
+// runOwn runs cmd to its end as a child of this test binary. TestMain made the binary a
+// subreaper, whose reaper reaps every exited child but the leaders of runs; cmd is recorded as
+// one, so that its Wait keeps its exit status (see SetSubreaper).
+func runOwn(cmd *exec.Cmd) error {
+	if err := startLeader(cmd); err != nil {
+		return err
+	}
+	return waitLeader(cmd)
+}
+
 func leakedGoroutines() string {
 	deadline := time.Now().Add(5 * time.Second)
 	for {

@@ -393,8 +393,11 @@ int gconv_init(void) { return 1; } /* __GCONV_NOCONV: iconv_open fails, printf g
 	if err := os.WriteFile(filepath.Join(dir, "pwn.c"), []byte(src), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := exec.Command(cc, "-shared", "-fPIC", "-o", filepath.Join(dir, "pwn.so"), filepath.Join(dir, "pwn.c")).CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v\n%s", cc, err, out)
+	var out bytes.Buffer
+	build := exec.Command(cc, "-shared", "-fPIC", "-o", filepath.Join(dir, "pwn.so"), filepath.Join(dir, "pwn.c"))
+	build.Stdout, build.Stderr = &out, &out
+	if err := runOwn(build); err != nil {
+		t.Fatalf("%s: %v\n%s", cc, err, out.Bytes())
 	}
 	modules := "module INTERNAL ANSI_X3.4-1968// pwn 1\nmodule ANSI_X3.4-1968// INTERNAL pwn 1\n"
 	if err := os.WriteFile(filepath.Join(dir, "gconv-modules"), []byte(modules), 0o644); err != nil {
