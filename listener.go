@@ -64,10 +64,11 @@ type limitedConn struct {
 	once sync.Once
 }
 
+// Close closes the connection and frees its place, once; first the place, so that a client
+// that sees the connection closed can connect again at once.
 func (c *limitedConn) Close() error {
-	err := c.Conn.Close()
 	c.once.Do(func() { c.l.open.Add(-1) })
-	return err
+	return c.Conn.Close()
 }
 
 // CloseWrite shuts down the writing side of a TCP connection, as net/http asks of a connection

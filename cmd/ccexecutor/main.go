@@ -71,6 +71,8 @@ func serve(args []string) int {
 	fs.Var(seconds{&cfg.PingInterval}, "ping-interval", "write silence before a keep-alive Ping (env PING_INTERVAL) (default 20s)")
 	fs.Var(seconds{&cfg.WriteWait}, "write-wait", "time a frame may take to be written (env WRITE_WAIT) (default 10s)")
 	fs.StringVar(&cfg.Token, "token", "", "token clients must present (env CC_EXECUTOR_TOKEN)")
+	idle := idleTimeout
+	fs.Var(seconds{&idle}, "idle-timeout", "time an idle HTTP keep-alive connection is kept open (env IDLE_TIMEOUT)")
 	cfg.StreamTimeout, cfg.KillGrace = ccexecutor.StreamTimeout, ccexecutor.KillGrace
 	cfg.PingInterval, cfg.WriteWait = ccexecutor.PingInterval, ccexecutor.WriteWait
 
@@ -82,6 +84,7 @@ func serve(args []string) int {
 		"allow-origin": "ALLOWED_ORIGINS", "max-sessions": "MAX_SESSIONS", "stream-timeout": "STREAM_TIMEOUT",
 		"max-line-bytes": "MAX_LINE_BYTES", "kill-grace": "KILL_GRACE", "max-message-bytes": "MAX_MESSAGE_BYTES",
 		"ping-interval": "PING_INTERVAL", "write-wait": "WRITE_WAIT", "token": "CC_EXECUTOR_TOKEN",
+		"idle-timeout": "IDLE_TIMEOUT",
 	} {
 		if v, ok := os.LookupEnv(env); ok {
 			if err := fs.Set(name, v); err != nil {
@@ -118,8 +121,14 @@ func serve(args []string) int {
 		fmt.Fprintf(os.Stderr, "ccexecutor: %v\n", err)
 		return 1
 	}
+	// Refuse connections beyond what the descriptor limit leaves after the runs of every session.
+	maxConns := ccexecutor.MaxConns(cfg.MaxSessions)
+	if maxConns < 2*cfg.MaxSessions {
+		cfg.Logger.Warn("the file descriptor limit (ulimit -n) leaves room for few connections", "max_connections", maxConns, "max_sessions", cfg.MaxSessions)
+	}
+	ln = ccexecutor.LimitListener(ln, maxConns)
 	srv := ccexecutor.NewServer(cfg)
-	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
+	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: idle}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	fmt.Printf("ccexecutor listening on ws://%s/ws/mcp\n", ln.Addr())
@@ -149,6 +158,9 @@ func serve(args []string) int {
 	}
 	return 0
 }
+
+// idleTimeout is how long an idle HTTP keep-alive connection is kept open by default.
+const idleTimeout = 30 * time.Second
 
 // check refuses a configuration the server should not start with.
 func check(cfg *ccexecutor.Config, addr string, insecure bool, level string) error {
