@@ -697,12 +697,8 @@ func appendOutputFrame(b []byte, stream string, line []byte, dropped int) []byte
 	return b
 }
 
-// appendString appends s as a JSON string. Invalid UTF-8 becomes U+FFFD, a byte at a time.
-func appendString(b []byte, s []byte) []byte {
-	return append(appendEscaped(append(b, '"'), s), '"')
-}
-
-// appendEscaped appends s escaped as the inside of a JSON string, as appendString does.
+// appendEscaped appends s escaped as the inside of a JSON string, without the quotes. Invalid
+// UTF-8 becomes U+FFFD, a byte at a time.
 func appendEscaped(b []byte, s []byte) []byte {
 	const hex = "0123456789abcdef"
 	start := 0 // s[start:i] is still to be copied
@@ -801,7 +797,7 @@ func escapeCut(s []byte, max int) int {
 }
 
 // needsEscape reports whether any of the eight bytes in w is a control character, '"', '\\'
-// or not ASCII: the bytes appendString cannot copy as they are. It tests all eight at once
+// or not ASCII: the bytes appendEscaped cannot copy as they are. It tests all eight at once
 // with the "has a zero byte" trick of bit manipulation, applied to w^'"' and w^'\\'.
 func needsEscape(w uint64) bool {
 	const lo, hi = 0x0101010101010101, 0x8080808080808080
