@@ -50,6 +50,16 @@ func TestOutputFrames(t *testing.T) {
 		{"512 KiB of escapes and text", strings.Repeat("\"\\\t\r\n<&>\u2028 x", 40<<10), 0, true},
 		{"truncated", strings.Repeat("\x1f", 100<<10) + truncMarker, 12345, true},
 	}
+	// Short lines around a payload of 125 bytes, whose escapes the length guessed from the
+	// line's size does not foresee.
+	for k := 10; k <= 28; k++ {
+		rows = append(rows, struct {
+			name    string
+			line    string
+			dropped int
+			long    bool
+		}{fmt.Sprintf("%d quotes", k), strings.Repeat(`"`, k), 0, false})
+	}
 	for _, c := range []string{"é", "€", "𝄞", "\xff", "\xe2\x82", "\xf0\x9d\x84", "\x80\x80\x80\x80\x80"} {
 		for d := -4; d <= 4; d++ {
 			rows = append(rows, struct {

@@ -682,11 +682,25 @@ func appendOutputTail(b []byte, dropped int) []byte {
 }
 
 // appendOutputFrame appends the text frame of a process.output whose JSON is at most
-// maxInline bytes long. It encodes the JSON in place after a 16-bit length, and moves it
-// two bytes back in the rare case that it fits in a 7-bit one: so the JSON is written once,
-// without a buffer of its own or a pass to measure it first.
+// maxInline bytes long. It encodes the JSON in place, after a 7-bit length when the line is
+// short enough for one if only its ending needs escaping, as short lines are, else after a
+// 16-bit one, and moves the JSON by two bytes when the guess was wrong: so the JSON is
+// written once, without a buffer of its own or a pass to measure it first.
 func appendOutputFrame(b []byte, stream string, line []byte, dropped int) []byte {
 	start := len(b)
+	guess := len(outputHead) + len(stream) + len(dataKey) + len(line) + 1 + len(`","truncated":false}}`)
+	if guess <= 125 && dropped == 0 {
+		b = appendOutput(append(b, 0x80|opText, 0), stream, line, dropped)
+		if n := len(b) - start - 2; n <= 125 {
+			b[start+1] = byte(n)
+		} else {
+			b = append(b, 0, 0)
+			copy(b[start+4:], b[start+2:len(b)-2])
+			b[start+1] = 126
+			binary.BigEndian.PutUint16(b[start+2:], uint16(n))
+		}
+		return b
+	}
 	b = appendOutput(append(b, 0x80|opText, 126, 0, 0), stream, line, dropped)
 	n := len(b) - start - 4
 	if n <= 125 {
@@ -705,10 +719,8 @@ func appendEscaped(b []byte, s []byte) []byte {
 	plain := 0 // how many plain ASCII bytes come right before s[i]
 	for i := 0; i < len(s); {
 		if plain >= 8 {
-			// In a run of plain ASCII, as most output is: go eight bytes at a time.
-			for i+8 <= len(s) && !needsEscape(binary.LittleEndian.Uint64(s[i:])) {
-				i += 8
-			}
+			// In a run of plain ASCII, as most output is: go sixteen, then eight bytes at a time.
+			i = skipPlain(s, i)
 			if plain = 0; i == len(s) {
 				break
 			}
@@ -754,9 +766,7 @@ func appendEscaped(b []byte, s []byte) []byte {
 func escapedLen(s []byte) int {
 	n := len(s)
 	for i := 0; i < len(s); {
-		for i+8 <= len(s) && !needsEscape(binary.LittleEndian.Uint64(s[i:])) {
-			i += 8
-		}
+		i = skipPlain(s, i)
 		if i == len(s) {
 			break
 		}
@@ -796,13 +806,29 @@ func escapeCut(s []byte, max int) int {
 	return max
 }
 
-// needsEscape reports whether any of the eight bytes in w is a control character, '"', '\\'
+// skipPlain returns the index after the run of plain ASCII at s[i:], found eight bytes at a
+// time; it may stop up to seven bytes short of the run's end.
+func skipPlain(s []byte, i int) int {
+	for ; i+16 <= len(s); i += 16 {
+		if escapeBits(binary.LittleEndian.Uint64(s[i:]))|escapeBits(binary.LittleEndian.Uint64(s[i+8:])) != 0 {
+			break
+		}
+	}
+	for ; i+8 <= len(s); i += 8 {
+		if escapeBits(binary.LittleEndian.Uint64(s[i:])) != 0 {
+			break
+		}
+	}
+	return i
+}
+
+// escapeBits is not zero when any of the eight bytes in w is a control character, '"', '\\'
 // or not ASCII: the bytes appendEscaped cannot copy as they are. It tests all eight at once
 // with the "has a zero byte" trick of bit manipulation, applied to w^'"' and w^'\\'.
-func needsEscape(w uint64) bool {
+func escapeBits(w uint64) uint64 {
 	const lo, hi = 0x0101010101010101, 0x8080808080808080
 	q, bs := w^(lo*'"'), w^(lo*'\\')
-	return ((w-lo*0x20)&^w|(q-lo)&^q|(bs-lo)&^bs|w)&hi != 0
+	return ((w-lo*0x20)&^w | (q-lo)&^q | (bs-lo)&^bs | w) & hi
 }
 
 // JSON-RPC error codes.

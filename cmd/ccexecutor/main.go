@@ -69,7 +69,7 @@ func serve(args []string) int {
 	fs.Var(seconds{&cfg.KillGrace}, "kill-grace", "time between SIGTERM and SIGKILL (env KILL_GRACE) (default 5s)")
 	fs.IntVar(&cfg.MaxMessageBytes, "max-message-bytes", ccexecutor.MaxMessageBytes, "largest inbound frame (env MAX_MESSAGE_BYTES)")
 	fs.Var(seconds{&cfg.PingInterval}, "ping-interval", "write silence before a keep-alive Ping (env PING_INTERVAL) (default 20s)")
-	fs.Var(seconds{&cfg.WriteWait}, "write-wait", "time a frame may take to be written (env WRITE_WAIT) (default 10s)")
+	fs.Var(seconds{&cfg.WriteWait}, "write-wait", "time in which a client must accept 128 KiB of waiting output (env WRITE_WAIT) (default 10s)")
 	fs.StringVar(&cfg.Token, "token", "", "token clients must present (env CC_EXECUTOR_TOKEN)")
 	idle := idleTimeout
 	fs.Var(seconds{&idle}, "idle-timeout", "time an idle HTTP keep-alive connection is kept open (env IDLE_TIMEOUT)")
