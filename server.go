@@ -365,7 +365,7 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	h.conn = &conn{Conn: nc, raw: nc, wait: h.wait}
+	h.conn = &conn{Conn: nc, wait: h.wait}
 	if lc, ok := nc.(*limitedConn); ok {
 		h.conn.raw = lc.Conn // net.Buffers.WriteTo uses writev only on the net package's own types
 	}
@@ -383,7 +383,7 @@ type conn struct {
 	net.Conn
 	wait time.Duration
 
-	raw      net.Conn     // Conn, or the connection under it when Conn only counts (limitedConn), for writev
+	raw      net.Conn     // for writev: the connection under Conn when Conn is a limitedConn; nil means Conn
 	mu       sync.Mutex   // serializes writes; held across a write, so that frames stay whole
 	aborted  atomic.Bool  // set by abort: every write fails from then on
 	lastRead atomic.Int64 // when a read last returned data, in Unix nanoseconds
@@ -427,11 +427,15 @@ func (c *conn) writeLocked(b []byte) (int, error) {
 // writevLocked writes bufs with as few system calls as the connection allows (writev on TCP),
 // with c.mu held, and deadlines as in writeLocked. It consumes bufs.
 func (c *conn) writevLocked(bufs *net.Buffers) error {
+	w := c.raw
+	if w == nil {
+		w = c.Conn
+	}
 	for {
 		if err := c.deadline(); err != nil {
 			return err
 		}
-		m, err := bufs.WriteTo(c.raw)
+		m, err := bufs.WriteTo(w)
 		if !c.progressed(int(m), err) {
 			return err
 		}
