@@ -81,10 +81,9 @@ func BenchmarkAppendOutput(b *testing.B) {
 			b.ReportAllocs()
 			b.SetBytes(int64(len(bc.line)))
 			line := []byte(bc.line)
-			var buf, frames []byte
+			var frames []byte
 			for b.Loop() {
-				buf = appendOutput(buf[:0], "stdout", line, 0)
-				frames = appendFrame(frames[:0], opText, buf)
+				frames = appendOutputFrame(frames[:0], "stdout", line, 0)
 			}
 		})
 	}

@@ -253,7 +253,8 @@ func writerBlocked() bool {
 	buf := make([]byte, 1<<20)
 	buf = buf[:runtime.Stack(buf, true)]
 	for g := range strings.SplitSeq(string(buf), "\n\n") {
-		if strings.Contains(g, "[IO wait") && (strings.Contains(g, "ccexecutor.(*conn).Write(") || strings.Contains(g, "ccexecutor.(*conn).writeBuffers(")) {
+		// conn.Write, or one of the writer's own: writeBatches, writevLocked, writeLocked.
+		if strings.Contains(g, "[IO wait") && (strings.Contains(g, "ccexecutor.(*conn).Write(") || strings.Contains(g, "ccexecutor.(*conn).write")) {
 			return true
 		}
 	}

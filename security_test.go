@@ -749,6 +749,11 @@ func TestSlowClient(t *testing.T) {
 		// frames. Ten such clients grow the heap by 17-30 MB with two batches per stream, and
 		// by 36-83 MB with a queue of sixteen batches per session.
 		{"half-megabyte lines, ten clients", `x=$(head -c 500000 /dev/zero | tr '\0' x); while :; do echo "$x"; done`, 10, time.Second, 40 << 20},
+		// Lines of control bytes at the line limit on both streams: each byte is six of JSON,
+		// so what a session holds must be bounded in encoded bytes. Ten such clients grew the
+		// heap by about 270 MB while a stream held its lines' whole JSON in two batches, and
+		// by 13-35 MB since (the line buffers' growth included, which the next GC frees).
+		{"half-megabyte lines of control bytes on both streams, ten clients", `x=$(head -c 524288 /dev/zero | tr '\0' '\1'); while :; do echo "$x"; echo "$x" >&2; done`, 10, time.Second, 64 << 20},
 		// Several at once, so that frames of one session in the frames of another would show.
 		{"six clients at once", "yes", 6, 300 * time.Millisecond, 48 << 20},
 	}

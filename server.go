@@ -57,26 +57,34 @@
 // the group's empty channel. Everything else is owned by one goroutine at a time and handed
 // over on channels. Output is handed over in batches of
 // frames: each pump owns two, fills one while the writer writes the other and gets it back
-// once written, so a slow client slows the process through its pipe and pins at most two
-// batches per stream. (The rate limit of the refusal log has a mutex of its own, held for its
-// counters only; the line is logged after it is released. The metrics of /metrics are
-// atomics, which any goroutine adds to without a lock.)
+// once written, so a slow client slows the process through its pipe. What a session pins is
+// bounded in encoded bytes: a batch is sent once it holds maxBatch bytes of frames, a line's
+// JSON goes into it whole only up to maxInline bytes, and a longer one (up to six times the
+// line, "\u0001" for a byte) is escaped by the writer escapeChunk bytes of the line at a time,
+// from the pump's own line buffer, while that pump waits. So a session holds at most, per
+// stream, the line being read (MaxLineBytes) and its read buffer and two batches of under
+// maxBatch+maxInline bytes, and once the writer's piece of a long line: about 1.7 MiB at the
+// default limits. (The rate limit of the refusal log has a mutex
+// of its own, held for its counters only; the line is logged after it is released. The
+// metrics of /metrics are atomics, which any goroutine adds to without a lock.)
 //
 // Each session owns these goroutines, joined by its WaitGroup before its slot is freed:
 // serve, the handler's goroutine, which answers requests in order and owns the session's state;
 // readLoop, which exits when a read fails (the client left, or serve set a read deadline in the
 // past), after the client's close frame, or at a protocol error (frameReader); writeLoop, the
-// only writer of data frames, which exits when serve closes its queue, a
-// write fails (every write has a deadline, WriteWait) or a Ping goes unanswered; and, while a
-// command runs, runToEnd, which exits once the process group is reaped, with its three:
-// process.wait, which with containment also waits (on inotify, no timer) until the run's cgroup
-// is empty, then removes it; and one pump per output stream, which exit at end of file or at
-// their pipe's deadline once the group is gone (see pipeReader; with containment no writer
-// outlives the cgroup, so the pipes are read to end of file with no deadline). readLoop may
-// also write, to answer a client's Ping; the connection's own lock (conn.mu, which guards
-// nothing but the order of writes) keeps those writes whole. The close frame that answers a
-// client's close, or fails the connection, is sent by writeLoop like any other frame, as the
-// session's last.
+// only writer of data frames, which exits when serve closes its queue, a write fails or a Ping
+// goes unanswered; and, while a command runs, runToEnd, which exits once the process group is
+// reaped, with its three: process.wait, which with containment also waits (on inotify, no
+// timer) until the run's cgroup is empty, then removes it; and one pump per output stream,
+// which exit at end of file or at their pipe's deadline once the group is gone (see
+// pipeReader; with containment no writer outlives the cgroup, so the pipes are read to end of
+// file with no deadline). readLoop may also write, to answer a client's Ping; the connection's
+// own lock (conn.mu, which guards nothing but the order of writes) keeps those writes whole,
+// and the writer holds it across the pieces of a frame. Every write has a deadline, WriteWait,
+// renewed while the client makes progress: a write fails, and the client counts as gone, when
+// it accepted fewer than minProgress bytes (128 KiB) in a WriteWait. The close frame that
+// answers a client's close, or fails the connection, is sent by writeLoop like any other
+// frame, as the session's last.
 //
 // A session frees its slot only after all of them have returned, and closes the connection
 // after that, so a client that sees the connection close may connect again at once. After a
@@ -124,7 +132,7 @@ const (
 	StreamTimeout   = 5 * time.Minute  // how long a run may take before its group is ended
 	MaxLineBytes    = 512 << 10        // longest output line sent whole; longer lines are cut
 	KillGrace       = 5 * time.Second  // time between SIGTERM and SIGKILL when a group is ended
-	WriteWait       = 10 * time.Second // time a frame may take to be written before the client counts as gone
+	WriteWait       = 10 * time.Second // time in which a client must accept 128 KiB of waiting output, or count as gone
 	MaxMessageBytes = 1 << 20          // largest inbound message, all fragments together; a larger one gets -32600
 	PingInterval    = 20 * time.Second // write silence after which the server sends a Ping
 )
@@ -476,6 +484,9 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	h.conn = &conn{Conn: nc, wait: h.wait}
+	if lc, ok := nc.(*limitedConn); ok {
+		h.conn.raw = lc.Conn // net.Buffers.WriteTo uses writev only on the net package's own types
+	}
 	// Read through conn too, so that it sees every frame the client sends, Pongs included;
 	// what the server read ahead comes first.
 	ahead, _ := rw.Reader.Peek(rw.Reader.Buffered())
@@ -491,7 +502,8 @@ type conn struct {
 	wait time.Duration
 	in   *bufio.Reader // reads from conn, read-ahead first: the handshake's reader, then readLoop's
 
-	mu       sync.Mutex   // serializes writes
+	raw      net.Conn     // for writev: the connection under Conn when Conn is a limitedConn; nil means Conn
+	mu       sync.Mutex   // serializes writes; held across a write, so that frames stay whole
 	aborted  atomic.Bool  // set by abort: every write fails from then on
 	lastRead atomic.Int64 // when a read last returned data, in Unix nanoseconds
 }
@@ -507,25 +519,92 @@ func (c *conn) Read(b []byte) (int, error) {
 // readSince reports whether the client has sent anything since t.
 func (c *conn) readSince(t time.Time) bool { return c.lastRead.Load() >= t.UnixNano() }
 
+// Write writes b, which holds whole frames, as one write of its own.
 func (c *conn) Write(b []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if err := c.deadline(); err != nil {
-		return 0, err
-	}
-	return c.Conn.Write(b)
+	return c.writeLocked(b)
 }
 
-// writeBuffers writes bufs with as few system calls as the connection allows (writev on TCP).
-func (c *conn) writeBuffers(bufs *net.Buffers) error {
+// writeLocked writes b with c.mu held. A write that has not ended when its deadline passes
+// goes on with a fresh deadline if the client accepted at least minProgress bytes of it
+// meanwhile: so what counts is the client's progress, not how much was queued.
+func (c *conn) writeLocked(b []byte) (int, error) {
+	n := 0
+	for {
+		if err := c.deadline(); err != nil {
+			return n, err
+		}
+		m, err := c.Conn.Write(b[n:])
+		n += m
+		if !c.progressed(m, err) {
+			return n, err
+		}
+	}
+}
+
+// writevLocked writes bufs with as few system calls as the connection allows (writev on TCP),
+// with c.mu held, and deadlines as in writeLocked. It consumes bufs.
+func (c *conn) writevLocked(bufs *net.Buffers) error {
+	w := c.raw
+	if w == nil {
+		w = c.Conn
+	}
+	for {
+		if err := c.deadline(); err != nil {
+			return err
+		}
+		m, err := bufs.WriteTo(w)
+		if !c.progressed(int(m), err) {
+			return err
+		}
+	}
+}
+
+// progressed reports whether a write that wrote m bytes and returned err should go on: it
+// stopped at its deadline, yet the client accepted at least minProgress bytes.
+func (c *conn) progressed(m int, err error) bool {
+	return err != nil && m >= minProgress && errors.Is(err, os.ErrDeadlineExceeded)
+}
+
+// writeBatches writes the frames of batches in order, holding c.mu throughout so that no other
+// write lands inside a frame. The long line of a batch is escaped escapeChunk bytes at a time
+// into scratch, each piece written before the next is made, so that its JSON, up to six times
+// its size, is never held whole. bufs is a buffer for the writev slices; its array is kept.
+func (c *conn) writeBatches(batches []*batch, bufs *net.Buffers, scratch *[]byte) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if err := c.deadline(); err != nil {
-		return err
+	flush := func() error {
+		if len(*bufs) == 0 {
+			return nil
+		}
+		w := *bufs // writevLocked consumes what it writes; bufs keeps its array
+		*bufs = (*bufs)[:0]
+		return c.writevLocked(&w)
 	}
-	_, err := bufs.WriteTo(c.Conn)
-	return err
+	*bufs = (*bufs)[:0]
+	for _, b := range batches {
+		*bufs = append(*bufs, b.frames)
+		for rest := b.line; len(rest) > 0; {
+			if err := flush(); err != nil { // before scratch is reused
+				return err
+			}
+			n := escapeCut(rest, escapeChunk)
+			*scratch = appendEscaped((*scratch)[:0], rest[:n])
+			*bufs = append(*bufs, *scratch)
+			rest = rest[n:]
+		}
+		if b.line != nil {
+			*bufs = append(*bufs, b.tail)
+		}
+	}
+	return flush()
 }
+
+// minProgress is how many bytes a client must accept per write wait while output waits for
+// it. Not one byte: on Linux a client that reads nothing still takes a few tens of kilobytes
+// per window of ten seconds for a while, as the kernel compacts its receive queue.
+const minProgress = 128 << 10
 
 // deadline sets the deadline of the write about to start, unless the connection was aborted.
 // The check comes after the deadline is set, so that an abort either is seen here or moves
@@ -573,11 +652,12 @@ func (s *session) writeLoop() {
 	tick := time.NewTicker(s.srv.cfg.PingInterval)
 	defer tick.Stop()
 	var (
-		queued []*batch
-		bufs   net.Buffers
-		wrote  bool         // a frame was written since the last tick
-		last   = time.Now() // the last tick
-		pinged time.Time    // when the Ping that awaits an answer was sent, or zero
+		queued  []*batch
+		bufs    net.Buffers
+		scratch []byte       // a piece of a long line, escaped
+		wrote   bool         // a frame was written since the last tick
+		last    = time.Now() // the last tick
+		pinged  time.Time    // when the Ping that awaits an answer was sent, or zero
 	)
 	for {
 		select {
@@ -598,12 +678,7 @@ func (s *session) writeLoop() {
 					break drain
 				}
 			}
-			bufs = bufs[:0]
-			for _, b := range queued {
-				bufs = append(bufs, b.frames)
-			}
-			w := bufs // WriteTo consumes what it writes; bufs keeps its array for the next round
-			err := s.conn.writeBuffers(&w)
+			err := s.conn.writeBatches(queued, &bufs, &scratch)
 			for i, b := range queued {
 				if b.free != nil {
 					b.free <- b // never blocks: it has room for every batch of its pump
@@ -639,10 +714,55 @@ func (s *session) writeLoop() {
 
 // A batch is one or more encoded frames for the writer. A pump's batches go back to it, on
 // free, once written; other batches (responses, notifications) are written once and dropped.
+//
+// When line is not nil, the last frame in frames is the start of a process.output whose JSON
+// is longer than maxInline: what follows it is line escaped as a JSON string, then tail. The
+// writer escapes line a piece at a time as it writes, so that no more than escapeChunk bytes
+// of it are ever held escaped, and line belongs to the writer until the batch is back.
 type batch struct {
 	frames []byte
+	line   []byte
+	tail   []byte
 	free   chan<- *batch // nil for a batch that is not reused
 }
+
+// addOutput adds the process.output frame of a line to b, whole when its JSON is at most
+// maxInline bytes. Otherwise it sets b.line to line and b.tail, and reports true: b must then
+// be sent at once, and line kept as it is until b is back.
+func (b *batch) addOutput(stream string, line []byte, dropped int) (long bool) {
+	if len(line) <= maxInlineLine {
+		b.frames = appendOutputFrame(b.frames, stream, line, dropped)
+		return false
+	}
+	b.tail = appendOutputTail(b.tail[:0], dropped)
+	n := len(outputHead) + len(stream) + len(dataKey) + escapedLen(line) + len(b.tail)
+	if n <= maxInline {
+		b.frames = appendOutputFrame(b.frames, stream, line, dropped)
+		return false
+	}
+	b.frames = appendFrameHeader(b.frames, opText, n)
+	b.frames = appendOutputHead(b.frames, stream)
+	b.line = line
+	return true
+}
+
+// reset empties b for reuse.
+func (b *batch) reset() {
+	b.frames, b.line = b.frames[:0], nil
+}
+
+// maxInline is the longest process.output JSON that a pump encodes whole into its batch; a
+// longer one the writer escapes as it writes it (see batch). It is the most a 16-bit frame
+// length holds, which appendOutputFrame relies on.
+const maxInline = math.MaxUint16
+
+// maxInlineLine is the longest line whose JSON is certainly no longer than maxInline: a byte
+// becomes at most six ("\u0001"), and the rest of the notification takes under 200 bytes.
+const maxInlineLine = (maxInline - 200) / 6
+
+// escapeChunk is how many bytes of a long line the writer escapes per piece; a piece is at
+// most six times as long.
+const escapeChunk = 16 << 10
 
 // WebSocket opcodes of the frames the server writes.
 const (
@@ -653,17 +773,20 @@ const (
 
 // appendFrame appends an unmasked, unfragmented WebSocket frame (RFC 6455, section 5.2).
 func appendFrame(b []byte, op byte, payload []byte) []byte {
-	n := len(payload)
+	return append(appendFrameHeader(b, op, len(payload)), payload...)
+}
+
+// appendFrameHeader appends the header of an unmasked, unfragmented frame of n bytes.
+func appendFrameHeader(b []byte, op byte, n int) []byte {
 	b = append(b, 0x80|op) // FIN
 	switch {
 	case n <= 125:
-		b = append(b, byte(n))
+		return append(b, byte(n))
 	case n <= math.MaxUint16:
-		b = binary.BigEndian.AppendUint16(append(b, 126), uint16(n))
+		return binary.BigEndian.AppendUint16(append(b, 126), uint16(n))
 	default:
-		b = binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
+		return binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
 	}
-	return append(b, payload...)
 }
 
 func closePayload(code uint16, reason string) []byte {
@@ -675,33 +798,73 @@ func closeFrame(code uint16, reason string) *batch {
 	return &batch{frames: appendFrame(nil, opClose, closePayload(code, reason))}
 }
 
+// The parts of a process.output notification around its stream and its data.
+const (
+	outputHead = `{"jsonrpc":"2.0","method":"process.output","params":{"type":"`
+	dataKey    = `","data":"`
+)
+
 // appendOutput appends the JSON of a process.output notification.
 func appendOutput(b []byte, stream string, line []byte, dropped int) []byte {
-	b = append(b, `{"jsonrpc":"2.0","method":"process.output","params":{"type":"`...)
-	b = append(b, stream...)
-	b = append(b, `","data":`...)
-	b = appendString(b, line)
+	return appendOutputTail(appendEscaped(appendOutputHead(b, stream), line), dropped)
+}
+
+// appendOutputHead appends a process.output up to the opening quote of its data.
+func appendOutputHead(b []byte, stream string) []byte {
+	return append(append(append(b, outputHead...), stream...), dataKey...)
+}
+
+// appendOutputTail appends the rest of a process.output after its data, from the closing quote.
+func appendOutputTail(b []byte, dropped int) []byte {
 	if dropped > 0 {
-		b = append(b, `,"truncated":true,"dropped_bytes":`...)
+		b = append(b, `","truncated":true,"dropped_bytes":`...)
 		b = strconv.AppendInt(b, int64(dropped), 10)
 	} else {
-		b = append(b, `,"truncated":false`...)
+		b = append(b, `","truncated":false`...)
 	}
 	return append(b, "}}"...)
 }
 
-// appendString appends s as a JSON string. Invalid UTF-8 becomes U+FFFD, a byte at a time.
-func appendString(b []byte, s []byte) []byte {
+// appendOutputFrame appends the text frame of a process.output whose JSON is at most
+// maxInline bytes long. It encodes the JSON in place, after a 7-bit length when the line is
+// short enough for one if only its ending needs escaping, as short lines are, else after a
+// 16-bit one, and moves the JSON by two bytes when the guess was wrong: so the JSON is
+// written once, without a buffer of its own or a pass to measure it first.
+func appendOutputFrame(b []byte, stream string, line []byte, dropped int) []byte {
+	start := len(b)
+	guess := len(outputHead) + len(stream) + len(dataKey) + len(line) + 1 + len(`","truncated":false}}`)
+	if guess <= 125 && dropped == 0 {
+		b = appendOutput(append(b, 0x80|opText, 0), stream, line, dropped)
+		if n := len(b) - start - 2; n <= 125 {
+			b[start+1] = byte(n)
+		} else {
+			b = append(b, 0, 0)
+			copy(b[start+4:], b[start+2:len(b)-2])
+			b[start+1] = 126
+			binary.BigEndian.PutUint16(b[start+2:], uint16(n))
+		}
+		return b
+	}
+	b = appendOutput(append(b, 0x80|opText, 126, 0, 0), stream, line, dropped)
+	n := len(b) - start - 4
+	if n <= 125 {
+		b[start+1] = byte(n)
+		return b[:start+2+copy(b[start+2:], b[start+4:])]
+	}
+	binary.BigEndian.PutUint16(b[start+2:], uint16(n))
+	return b
+}
+
+// appendEscaped appends s escaped as the inside of a JSON string, without the quotes. Invalid
+// UTF-8 becomes U+FFFD, a byte at a time.
+func appendEscaped(b []byte, s []byte) []byte {
 	const hex = "0123456789abcdef"
-	b = append(b, '"')
 	start := 0 // s[start:i] is still to be copied
 	plain := 0 // how many plain ASCII bytes come right before s[i]
 	for i := 0; i < len(s); {
 		if plain >= 8 {
-			// In a run of plain ASCII, as most output is: go eight bytes at a time.
-			for i+8 <= len(s) && !needsEscape(binary.LittleEndian.Uint64(s[i:])) {
-				i += 8
-			}
+			// In a run of plain ASCII, as most output is: go sixteen, then eight bytes at a time.
+			i = skipPlain(s, i)
 			if plain = 0; i == len(s) {
 				break
 			}
@@ -740,17 +903,76 @@ func appendString(b []byte, s []byte) []byte {
 		i++
 		start = i
 	}
-	b = append(b, s[start:]...)
-	return append(b, '"')
+	return append(b, s[start:]...)
 }
 
-// needsEscape reports whether any of the eight bytes in w is a control character, '"', '\\'
-// or not ASCII: the bytes appendString cannot copy as they are. It tests all eight at once
+// escapedLen returns len(appendEscaped(nil, s)) without making it.
+func escapedLen(s []byte) int {
+	n := len(s)
+	for i := 0; i < len(s); {
+		i = skipPlain(s, i)
+		if i == len(s) {
+			break
+		}
+		c := s[i]
+		switch {
+		case c >= 0x20 && c != '"' && c != '\\' && c < utf8.RuneSelf:
+		case c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t':
+			n++
+		case c < 0x20:
+			n += 5
+		default:
+			r, size := utf8.DecodeRune(s[i:])
+			if r != utf8.RuneError || size != 1 {
+				i += size
+				continue
+			}
+			n += len("\uFFFD") - 1
+		}
+		i++
+	}
+	return n
+}
+
+// escapeCut returns where to cut s so that s[:n] is at most max bytes (max >= 4), at least
+// one, and appendEscaped(s[:n]) followed by appendEscaped(s[n:]) is appendEscaped(s): the cut
+// never falls inside a valid UTF-8 character, since it comes before a byte that can start one
+// or after three that cannot, while a character has at most three after its first.
+func escapeCut(s []byte, max int) int {
+	if len(s) <= max {
+		return len(s)
+	}
+	for n := max; n >= max-(utf8.UTFMax-1); n-- {
+		if utf8.RuneStart(s[n]) {
+			return n
+		}
+	}
+	return max
+}
+
+// skipPlain returns the index after the run of plain ASCII at s[i:], found eight bytes at a
+// time; it may stop up to seven bytes short of the run's end.
+func skipPlain(s []byte, i int) int {
+	for ; i+16 <= len(s); i += 16 {
+		if escapeBits(binary.LittleEndian.Uint64(s[i:]))|escapeBits(binary.LittleEndian.Uint64(s[i+8:])) != 0 {
+			break
+		}
+	}
+	for ; i+8 <= len(s); i += 8 {
+		if escapeBits(binary.LittleEndian.Uint64(s[i:])) != 0 {
+			break
+		}
+	}
+	return i
+}
+
+// escapeBits is not zero when any of the eight bytes in w is a control character, '"', '\\'
+// or not ASCII: the bytes appendEscaped cannot copy as they are. It tests all eight at once
 // with the "has a zero byte" trick of bit manipulation, applied to w^'"' and w^'\\'.
-func needsEscape(w uint64) bool {
+func escapeBits(w uint64) uint64 {
 	const lo, hi = 0x0101010101010101, 0x8080808080808080
 	q, bs := w^(lo*'"'), w^(lo*'\\')
-	return ((w-lo*0x20)&^w|(q-lo)&^q|(bs-lo)&^bs|w)&hi != 0
+	return ((w-lo*0x20)&^w | (q-lo)&^q | (bs-lo)&^bs | w) & hi
 }
 
 // JSON-RPC error codes.

@@ -299,31 +299,43 @@ func (s *session) runToEnd(ctx context.Context, r *run, timeout time.Duration) r
 // batching the frames of lines that are read together into one write. It owns two batches: it
 // fills one while the writer writes the other, which the writer then hands back. So a stream
 // never holds more than two batches, however slow the client, and the process waits on its
-// pipe meanwhile: that is the backpressure.
+// pipe meanwhile: that is the backpressure. A batch is bounded in encoded bytes: it is sent
+// once it holds maxBatch bytes, and a line whose JSON is longer than maxInline is left for the
+// writer to escape as it writes it, while pump waits for both batches to come back before the
+// line reader reuses the line.
 func (s *session) pump(stream string, pipe io.Reader) error {
 	free := make(chan *batch, 2)
 	free <- &batch{free: free}
 	b := &batch{free: free}
-	var scratch []byte
+	written := func() (*batch, error) {
+		select {
+		case b := <-free:
+			b.reset()
+			return b, nil
+		case <-s.failed:
+			return nil, errClientGone
+		}
+	}
 	count := s.srv.metrics.stream(stream, &s.firstOut)
 	defer count.flush()
 	err := readLines(pipe, s.srv.cfg.MaxLineBytes, func(line []byte, dropped int, more bool) error {
 		count.line(line, dropped, more)
-		scratch = appendOutput(scratch[:0], stream, line, dropped)
-		b.frames = appendFrame(b.frames, opText, scratch)
-		if more && len(b.frames) < maxBatch {
+		long := b.addOutput(stream, line, dropped)
+		if !long && more && len(b.frames) < maxBatch {
 			return nil
 		}
 		if !s.send(b) {
 			return errClientGone
 		}
-		select {
-		case b = <-free: // the other batch, written
-			b.frames = b.frames[:0]
-			return nil
-		case <-s.failed:
-			return errClientGone
+		next, err := written() // the other batch
+		if err == nil && long {
+			var sent *batch
+			if sent, err = written(); err == nil { // b, and with it line
+				free <- sent // never blocks: free is empty
+			}
 		}
+		b = next
+		return err
 	})
 	switch {
 	case err == nil || err == errClientGone:

@@ -82,9 +82,11 @@ func serve(args []string) int {
 	fs.Var(seconds{&cfg.KillGrace}, "kill-grace", "`time` between SIGTERM and SIGKILL (env KILL_GRACE)")
 	fs.Var(positive{&cfg.MaxMessageBytes}, "max-message-bytes", "largest inbound message, all its fragments together, in `bytes` (env MAX_MESSAGE_BYTES)")
 	fs.Var(seconds{&cfg.PingInterval}, "ping-interval", "write silence before a keep-alive Ping, a `time` (env PING_INTERVAL)")
-	fs.Var(seconds{&cfg.WriteWait}, "write-wait", "`time` a frame may take to be written (env WRITE_WAIT)")
+	fs.Var(seconds{&cfg.WriteWait}, "write-wait", "`time` in which a client must accept 128 KiB of waiting output, or count as gone (env WRITE_WAIT)")
 	fs.StringVar(&cfg.Token, "token", "", "`token` clients must present (env CC_EXECUTOR_TOKEN)")
 	fs.StringVar(&cfg.Cgroup, "cgroup", ccexecutor.CgroupAuto, "contain each run in a cgroup v2: auto, off, or the `directory` of the parent cgroup to use (env CGROUP)")
+	idle := idleTimeout
+	fs.Var(seconds{&idle}, "idle-timeout", "`time` an idle HTTP keep-alive connection is kept open (env IDLE_TIMEOUT)")
 
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -145,13 +147,19 @@ func serve(args []string) int {
 		fmt.Fprintf(os.Stderr, "ccexecutor: %v\n", err)
 		return 1
 	}
+	// Refuse connections beyond what the descriptor limit leaves after the runs of every session.
+	maxConns := ccexecutor.MaxConns(cfg.MaxSessions)
+	if maxConns < 2*cfg.MaxSessions {
+		cfg.Logger.Warn("the file descriptor limit (ulimit -n) leaves room for few connections", "max_connections", maxConns, "max_sessions", cfg.MaxSessions)
+	}
+	ln = ccexecutor.LimitListener(ln, maxConns)
 	srv := ccexecutor.NewServer(cfg)
 	if _, err := srv.Containment(); err != nil {
 		ln.Close()
 		fmt.Fprintln(os.Stderr, err)
 		return 2
 	}
-	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
+	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: idle}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	where := dialable(addr, ln.Addr().(*net.TCPAddr))
@@ -185,6 +193,9 @@ func serve(args []string) int {
 	}
 	return 0
 }
+
+// idleTimeout is how long an idle HTTP keep-alive connection is kept open by default.
+const idleTimeout = 30 * time.Second
 
 // envName finds the environment variable that usage names as "(env NAME".
 var envName = regexp.MustCompile(`\(env ([A-Za-z_][A-Za-z0-9_]*)`)

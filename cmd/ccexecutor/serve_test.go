@@ -30,7 +30,7 @@ func serveEnv(extra ...string) []string {
 		switch name, _, _ := strings.Cut(kv, "="); name {
 		case "ADDR", "DEFAULT_PORT", "LOG_LEVEL", "INSECURE", "ALLOWED_COMMANDS", "ALLOWED_ORIGINS",
 			"MAX_SESSIONS", "STREAM_TIMEOUT", "MAX_LINE_BYTES", "KILL_GRACE", "MAX_MESSAGE_BYTES",
-			"PING_INTERVAL", "WRITE_WAIT", "CC_EXECUTOR_TOKEN", "ALLOWED_ENV", "CC_EXECUTOR_TOKEN_FILE", "CGROUP":
+			"PING_INTERVAL", "WRITE_WAIT", "CC_EXECUTOR_TOKEN", "ALLOWED_ENV", "CC_EXECUTOR_TOKEN_FILE", "CGROUP", "IDLE_TIMEOUT":
 		default:
 			env = append(env, kv)
 		}
