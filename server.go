@@ -764,35 +764,6 @@ const maxInlineLine = (maxInline - 200) / 6
 // most six times as long.
 const escapeChunk = 16 << 10
 
-// WebSocket opcodes of the frames the server writes.
-const (
-	opText  = 0x1
-	opClose = 0x8
-	opPing  = 0x9
-)
-
-// appendFrame appends an unmasked, unfragmented WebSocket frame (RFC 6455, section 5.2).
-func appendFrame(b []byte, op byte, payload []byte) []byte {
-	return append(appendFrameHeader(b, op, len(payload)), payload...)
-}
-
-// appendFrameHeader appends the header of an unmasked, unfragmented frame of n bytes.
-func appendFrameHeader(b []byte, op byte, n int) []byte {
-	b = append(b, 0x80|op) // FIN
-	switch {
-	case n <= 125:
-		return append(b, byte(n))
-	case n <= math.MaxUint16:
-		return binary.BigEndian.AppendUint16(append(b, 126), uint16(n))
-	default:
-		return binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
-	}
-}
-
-func closePayload(code uint16, reason string) []byte {
-	return append(binary.BigEndian.AppendUint16(nil, code), reason...)
-}
-
 // closeFrame is a close frame as a batch.
 func closeFrame(code uint16, reason string) *batch {
 	return &batch{frames: appendFrame(nil, opClose, closePayload(code, reason))}

@@ -5,14 +5,18 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math"
 	"unicode/utf8"
 )
 
-// The opcodes a client may send besides those of the frames the server writes (RFC 6455,
-// section 5.2); every other opcode is reserved.
+// WebSocket opcodes (RFC 6455, section 5.2); every other opcode is reserved. The server
+// writes text, close and ping frames; a client may send any of these.
 const (
 	opContinuation = 0x0
+	opText         = 0x1
 	opBinary       = 0x2
+	opClose        = 0x8
+	opPing         = 0x9
 	opPong         = 0xa
 )
 
@@ -213,4 +217,26 @@ func unexpected(err error) error {
 		return io.ErrUnexpectedEOF
 	}
 	return err
+}
+
+// appendFrame appends an unmasked, unfragmented WebSocket frame (RFC 6455, section 5.2).
+func appendFrame(b []byte, op byte, payload []byte) []byte {
+	return append(appendFrameHeader(b, op, len(payload)), payload...)
+}
+
+// appendFrameHeader appends the header of an unmasked, unfragmented frame of n bytes.
+func appendFrameHeader(b []byte, op byte, n int) []byte {
+	b = append(b, 0x80|op) // FIN
+	switch {
+	case n <= 125:
+		return append(b, byte(n))
+	case n <= math.MaxUint16:
+		return binary.BigEndian.AppendUint16(append(b, 126), uint16(n))
+	default:
+		return binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
+	}
+}
+
+func closePayload(code uint16, reason string) []byte {
+	return append(binary.BigEndian.AppendUint16(nil, code), reason...)
 }
