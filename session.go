@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -82,6 +84,9 @@ func (r *registry) len() int {
 	defer r.mu.Unlock()
 	return len(r.sessions)
 }
+
+// queueLen is how many batches may wait for a session's writer.
+const queueLen = 8
 
 // A session is one WebSocket connection. Its goroutines are the one running serve, which owns
 // all of its state and answers requests in order; readLoop, which receives frames; writeLoop,
@@ -385,5 +390,109 @@ func endCause(cause error) int {
 		return endShutdown
 	default:
 		return endDisconnect // errClientGone
+	}
+}
+
+// writeLoop writes the frames queued on out, several at a time when several are queued. Every
+// PingInterval it sends a Ping, unless frames passed both ways meanwhile: so a silent connection
+// stays open through proxies, and a client that vanished is noticed even while output flows.
+// It returns once out is closed and drained, or when the client is gone: a write failed, or
+// the client sent nothing, not even a Pong, in the PingInterval after a Ping.
+func (s *session) writeLoop() {
+	defer close(s.flushed)
+	tick := time.NewTicker(s.srv.cfg.PingInterval)
+	defer tick.Stop()
+	var (
+		queued  []*batch
+		bufs    net.Buffers
+		scratch []byte       // a piece of a long line, escaped
+		wrote   bool         // a frame was written since the last tick
+		last    = time.Now() // the last tick
+		pinged  time.Time    // when the Ping that awaits an answer was sent, or zero
+	)
+	for {
+		select {
+		case b, ok := <-s.out:
+			if !ok {
+				return
+			}
+			queued = append(queued[:0], b)
+		drain:
+			for len(queued) < queueLen {
+				select {
+				case b, ok := <-s.out:
+					if !ok {
+						break drain
+					}
+					queued = append(queued, b)
+				default:
+					break drain
+				}
+			}
+			err := s.conn.writeBatches(queued, &bufs, &scratch)
+			for i, b := range queued {
+				if b.free != nil {
+					b.free <- b // never blocks: it has room for every batch of its pump
+				}
+				queued[i] = nil
+			}
+			if err != nil {
+				s.conn.countDrop(err, &s.srv.metrics)
+				close(s.failed)
+				return
+			}
+			wrote = true
+		case now := <-tick.C:
+			if !pinged.IsZero() && !s.conn.readSince(pinged) {
+				s.srv.metrics.drop(dropPing)
+				close(s.failed)
+				return
+			}
+			busy := wrote && s.conn.readSince(last)
+			wrote, last, pinged = false, now, time.Time{}
+			if busy {
+				continue
+			}
+			pinged = now
+			if _, err := s.conn.Write(appendFrame(nil, opPing, nil)); err != nil {
+				s.conn.countDrop(err, &s.srv.metrics)
+				close(s.failed)
+				return
+			}
+		}
+	}
+}
+
+// inFrame is a message received from the client, or the end of its session.
+type inFrame struct {
+	data     []byte
+	binary   bool
+	tooLarge bool
+	bye      *batch // if not nil, the session ends with this close frame as its last frame
+	failed   bool   // bye fails the connection: the client broke RFC 6455
+}
+
+// handle answers one frame from the client.
+func (s *session) handle(f inFrame) {
+	switch {
+	case f.tooLarge:
+		s.send(errorResponse(nil, &rpcError{codeInvalidRequest, fmt.Sprintf("Invalid Request: message exceeds %d bytes", s.srv.cfg.MaxMessageBytes)}))
+		return
+	case f.binary:
+		s.send(errorResponse(nil, &rpcError{codeInvalidRequest, "Invalid Request: binary frames are not supported"}))
+		return
+	}
+	id, method, params, rerr := parseRequest(f.data)
+	if rerr != nil {
+		s.send(errorResponse(id, rerr))
+		return
+	}
+	switch method {
+	case "execute":
+		s.execute(id, params)
+	case "control":
+		s.control(id, params)
+	default:
+		s.send(errorResponse(id, &rpcError{codeUnknownMethod, "Unknown method: " + method}))
 	}
 }
