@@ -277,3 +277,10 @@ func supervise(ctx context.Context, g group, grace time.Duration, killed func())
 	<-g.reaped()
 	return cause
 }
+
+// Causes that end a run other than its own exit. Their text is the error of process.completed.
+var (
+	errCanceled   = errors.New("canceled")
+	errShutdown   = errors.New("server shutting down")
+	errClientGone = errors.New("client disconnected")
+)

@@ -10,13 +10,6 @@ import (
 	"time"
 )
 
-// Causes that end a run other than its own exit. Their text is the error of process.completed.
-var (
-	errCanceled   = errors.New("canceled")
-	errShutdown   = errors.New("server shutting down")
-	errClientGone = errors.New("client disconnected")
-)
-
 // registry holds the server's sessions and enforces the session limit.
 type registry struct {
 	max int
