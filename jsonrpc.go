@@ -132,3 +132,6 @@ func paramsObject(params json.RawMessage) (map[string]json.RawMessage, *rpcError
 func invalidParams(msg string) *rpcError {
 	return &rpcError{codeInvalidParams, "Invalid params: " + msg}
 }
+
+// Version is the protocol version the server reports.
+const Version = "1.0.0"

@@ -113,9 +113,6 @@ import (
 	"golang.org/x/net/websocket"
 )
 
-// Version is the protocol version the server reports.
-const Version = "1.0.0"
-
 // A Server is the ccexecutor service as an http.Handler: WebSocket sessions on /ws/mcp and /ws,
 // health on /health and /healthz. It is safe for concurrent use.
 type Server struct {
