@@ -6,92 +6,120 @@
 // The package is the reference implementation of the Python cc_executor service, and is built
 // around the fixes of the six defects its review found. Each has a test that fails without it.
 //
-// FIX_001_RACE_CONDITION, session locking: the session map is touched only under the one mutex
-// of registry, in add, remove, close and len; the check against the limit and the insert happen
-// under the same lock. TestSessionLocking proves it under -race with concurrent sessions and a
-// Shutdown among them.
+// FIX_001_RACE_CONDITION, session locking: the session map is touched only under the one mutex of
+// registry (session.go), in add, remove, close and len; the check against the limit and the insert
+// happen under the same lock. TestSessionLocking (executor_test.go) proves it under -race with
+// concurrent sessions and a Shutdown among them.
 //
 // FIX_002_SESSION_LIMIT, session limit: registry.add refuses a session beyond Config.MaxSessions
-// (default MaxSessions), and serveConn then sends the -32001 error and a close frame with status
-// 1008 without using a slot. TestSessionLimit proves it, with goroutines racing for the last slot.
+// (config.go; default MaxSessions), and serveConn (server.go) then sends the -32001 error and a
+// close frame with status 1008 without using a slot. TestSessionLimit (executor_test.go) proves
+// it, with goroutines racing for the last slot.
 //
-// FIX_003_STREAM_TIMEOUT, stream timeout: withStreamTimeout bounds every run, and supervise ends
-// the group when it expires; process.completed then says "stream timeout after <N>s".
-// TestStreamTimeout proves it, with fake time and with a real process.
+// FIX_003_STREAM_TIMEOUT, stream timeout: withStreamTimeout (stream.go) bounds every run, and
+// supervise (executor.go) ends the group when it expires; process.completed then says "stream
+// timeout after <N>s". TestStreamTimeout (executor_test.go) proves it, with fake time and with a
+// real process.
 //
-// FIX_004_CONTROL_FLOW, control flow: parseControl gives an unknown or malformed control type a
-// clear -32602 error, and session.control signals the whole process group, never one PID.
-// TestControlFlow proves it.
+// FIX_004_CONTROL_FLOW, control flow: parseControl (control.go) gives an unknown or malformed
+// control type a clear -32602 error, and session.control (control.go) signals the whole process
+// group through process.signal (executor.go), never one PID. TestControlFlow (executor_test.go)
+// proves it.
 //
-// FIX_005_PARTIAL_LINES, partial lines: readLines cuts a line longer than the line limit at a
-// character boundary, appends "...\n" and discards the rest of the line without holding it.
-// TestPartialLines proves it, including that memory stays bounded.
+// FIX_005_PARTIAL_LINES, partial lines: readLines (stream.go) cuts a line longer than the line
+// limit at a character boundary, appends "...\n" and discards the rest of the line without holding
+// it. TestPartialLines (executor_test.go) proves it, including that memory stays bounded.
 //
 // FIX_006_CANCELLED_CLEANUP, cancellation cleanup: every end of a run, be it cancel, timeout,
-// disconnect, shutdown or its own exit, goes through supervise, which ends the whole group with
-// SIGTERM, SIGCONT and SIGKILL after the kill grace, and through process.wait, which reaps the
-// leader and returns once no member of the group is left to reap; the session joins every
-// goroutine before it frees its slot. TestCancellationCleanup proves it. With SetSubreaper,
-// reap also reaps, by PID, what a run leaves behind, in its group or out of it, and never a
-// leader that exec.Cmd.Wait waits for: TestOrphansReaped. process.wait never blocks in
-// wait4(-pgid), which a member that leaves the group would never wake: TestGroupEndsAfterEscape.
-// Once the group is found empty, process.signal sends nothing, since the PGID may be reused:
-// TestControlAfterGroupGone. pipeReader delivers what the group wrote however slowly the
-// client reads: TestOutputDelivered. A process group is not a container, though: a process
-// that calls setsid leaves it. Where cgroup v2 is writable (Config.Cgroup, cgroup.go), each run
+// disconnect, shutdown or its own exit, goes through supervise (executor.go), which ends the whole
+// group with SIGTERM, SIGCONT and SIGKILL after the kill grace, and through process.wait, which
+// reaps the leader and returns once no member of the group is left to reap; the session joins
+// every goroutine before it frees its slot. TestCancellationCleanup (executor_test.go) proves it.
+// With SetSubreaper, reapLoop (reap.go) also reaps, by PID, what a run leaves behind, in its group
+// or out of it, and never a leader that exec.Cmd.Wait waits for: TestOrphansReaped (reap_test.go).
+// process.wait never blocks in wait4(-pgid), which a member that leaves the group would never
+// wake: TestGroupEndsAfterEscape (reap_test.go). Once the group is found empty, process.signal
+// sends nothing, since the PGID may be reused: TestControlAfterGroupGone (control_test.go).
+// pipeReader (drain.go) delivers what the group wrote however slowly the client reads:
+// TestOutputDelivered (drain_test.go). A process group is not a container, though: a process that
+// calls setsid leaves it. Where cgroup v2 is writable (Config.Cgroup, cgroup.go), each run
 // therefore starts in a cgroup of its own, and the group supervise ends is that cgroup: SIGTERM
 // and SIGCONT to each of its processes, cgroup.kill after the grace, and the run is over once
-// cgroup.events says it is empty; PAUSE freezes it. TestContainment proves it for escapees of
-// every kind and every end of a run, and TestContainmentLeftovers that a new server ends the
-// runs a killed one left.
+// cgroup.events says it is empty; PAUSE freezes it. TestContainment (containment_test.go) proves
+// it for escapees of every kind and every end of a run, and TestContainmentLeftovers that a new
+// server ends the runs a killed one left.
+//
+// # Layout
+//
+// Each file owns one concern and is named for it, and the files form layers: a file uses only
+// names from files below it, so a reader can start at the bottom and never meet a name from above.
+// From the bottom: config.go (Config and the defaults of its tunables); wsframe.go (RFC 6455
+// frames, read and written); output.go (batches, and process.output encoded a piece at a time);
+// jsonrpc.go (the JSON-RPC messages, their error codes, the parsing of a request, and Version);
+// metrics.go, refusals.go and listener.go (the counters of /metrics, the refusal log,
+// LimitListener); conn.go (the hijacked connection and its write path); stream.go (lines and the
+// stream timeout); drain.go, reap.go and cgroup.go (reading a group's pipes, reaping,
+// containment); executor.go (processes and how a run ends); command.go (the command an execute
+// request becomes, with the allowlist); control.go (PAUSE, RESUME and CANCEL); run.go (a run, from
+// execute to process.completed); session.go (the registry and everything a session does, its
+// reader and writer included); server.go (the HTTP side, access checks, health, Shutdown). The
+// only names a file takes from above are the session's: the methods of session that live in
+// control.go and run.go, and the session's pointer to its Server.
+//
+// # Using the module
+//
+// Until it is published, the module github.com/ccexecutor/ccexecutor is used from a checkout, with
+// a replace directive in the go.mod of the program that imports it ("replace
+// github.com/ccexecutor/ccexecutor => ../ccexecutor"), or as a vendored copy of it. A Server is an
+// http.Handler; the example of NewServer mounts it in an http.ServeMux next to other handlers,
+// serves it as the binary does, and shuts it down.
 //
 // # Concurrency
 //
-// The only mutex that spans sessions is registry.mu: it guards the session map and the closing
-// flag, and is held for map and counter work only, never across I/O. Below it, the reaper's
-// state is process-wide, as the children it reaps are (orphans in reap.go): orphans.mu guards
-// the set of run leaders, for map work only, and orphans.forking is read-held by each start
-// from the fork to the insert of its leader and write-held by a reaping round, which reads
-// /proc and calls wait4 with WNOHANG under it, so a round never takes a new leader for an
-// orphan. process.mu makes process.signal's check and kill one step against the close of
-// the group's empty channel. Everything else is owned by one goroutine at a time and handed
-// over on channels. Output is handed over in batches of
-// frames: each pump owns two, fills one while the writer writes the other and gets it back
-// once written, so a slow client slows the process through its pipe. What a session pins is
-// bounded in encoded bytes: a batch is sent once it holds maxBatch bytes of frames, a line's
-// JSON goes into it whole only up to maxInline bytes, and a longer one (up to six times the
-// line, "\u0001" for a byte) is escaped by the writer escapeChunk bytes of the line at a time,
-// from the pump's own line buffer, while that pump waits. So a session holds at most, per
-// stream, the line being read (MaxLineBytes) and its read buffer and two batches of under
-// maxBatch+maxInline bytes, and once the writer's piece of a long line: about 1.7 MiB at the
-// default limits. (The rate limit of the refusal log has a mutex
-// of its own, held for its counters only; the line is logged after it is released. The
-// metrics of /metrics are atomics, which any goroutine adds to without a lock.)
+// The only mutex that spans sessions is registry.mu (session.go): it guards the session map and
+// the closing flag, and is held for map and counter work only, never across I/O. Below it, the
+// reaper's state is process-wide, as the children it reaps are (orphans in reap.go): orphans.mu
+// guards the set of run leaders, for map work only, and orphans.forking is read-held by each start
+// from the fork to the insert of its leader and write-held by a reaping round, which reads /proc
+// and calls wait4 with WNOHANG under it, so a round never takes a new leader for an orphan.
+// process.mu (executor.go) makes process.signal's check and kill one step against the close of the
+// group's empty channel. Everything else is owned by one goroutine at a time and handed over on
+// channels. Output is handed over in batches of frames (batch, output.go): each pump (run.go) owns
+// two, fills one while the writer writes the other and gets it back once written, so a slow client
+// slows the process through its pipe. What a session pins is bounded in encoded bytes: a batch is
+// sent once it holds maxBatch bytes of frames, a line's JSON goes into it whole only up to
+// maxInline bytes, and a longer one (up to six times the line, "\u0001" for a byte) is escaped by
+// the writer escapeChunk bytes of the line at a time, from the pump's own line buffer, while that
+// pump waits. So a session holds at most, per stream, the line being read (MaxLineBytes) and its
+// read buffer and two batches of under maxBatch+maxInline bytes, and once the writer's piece of a
+// long line: about 1.7 MiB at the default limits. (The rate limit of the refusal log, refusals.go,
+// has a mutex of its own, held for its counters only; the line is logged after it is released. The
+// metrics of /metrics, metrics.go, are atomics, which any goroutine adds to without a lock.)
 //
-// Each session owns these goroutines, joined by its WaitGroup before its slot is freed:
-// serve, the handler's goroutine, which answers requests in order and owns the session's state;
-// readLoop, which exits when a read fails (the client left, or serve set a read deadline in the
-// past), after the client's close frame, or at a protocol error (frameReader); writeLoop, the
-// only writer of data frames, which exits when serve closes its queue, a write fails or a Ping
-// goes unanswered; and, while a command runs, runToEnd, which exits once the process group is
-// reaped, with its three: process.wait, which with containment also waits (on inotify, no
-// timer) until the run's cgroup is empty, then removes it; and one pump per output stream,
-// which exit at end of file or at their pipe's deadline once the group is gone (see
-// pipeReader; with containment no writer outlives the cgroup, so the pipes are read to end of
-// file with no deadline). readLoop may also write, to answer a client's Ping; the connection's
-// own lock (conn.mu, which guards nothing but the order of writes) keeps those writes whole,
+// Each session owns these goroutines, joined by its WaitGroup before its slot is freed: serve
+// (session.go), the handler's goroutine, which answers requests in order and owns the session's
+// state; readLoop, which exits when a read fails (the client left, or serve set a read deadline in
+// the past), after the client's close frame, or at a protocol error (frameReader, wsframe.go);
+// writeLoop (session.go), the only writer of data frames, which exits when serve closes its queue,
+// a write fails or a Ping goes unanswered; and, while a command runs, runToEnd (run.go), which
+// exits once the process group is reaped, with its three: process.wait, which with containment
+// also waits (on inotify, no timer) until the run's cgroup is empty, then removes it; and one pump
+// per output stream, which exit at end of file or at their pipe's deadline once the group is gone
+// (see pipeReader; with containment no writer outlives the cgroup, so the pipes are read to end of
+// file with no deadline). readLoop may also write, to answer a client's Ping; the connection's own
+// lock (conn.mu, conn.go, which guards nothing but the order of writes) keeps those writes whole,
 // and the writer holds it across the pieces of a frame. Every write has a deadline, WriteWait,
-// renewed while the client makes progress: a write fails, and the client counts as gone, when
-// it accepted fewer than minProgress bytes (128 KiB) in a WriteWait. The close frame that
-// answers a client's close, or fails the connection, is sent by writeLoop like any other
-// frame, as the session's last.
+// renewed while the client makes progress: a write fails, and the client counts as gone, when it
+// accepted fewer than minProgress bytes (128 KiB) in a WriteWait. The close frame that answers a
+// client's close, or fails the connection, is sent by writeLoop like any other frame, as the
+// session's last.
 //
-// A session frees its slot only after all of them have returned, and closes the connection
-// after that, so a client that sees the connection close may connect again at once. After a
-// protocol error it first lingers (conn.linger): it half-closes and reads until the client
-// closes its end, for at most WriteWait, so that its close frame is not lost to a reset. One
-// more goroutine belongs to the process, not to a session: reapLoop, which SetSubreaper starts
-// and which lives as long as the process, as the subreaper attribute does.
+// A session frees its slot only after all of them have returned, and closes the connection after
+// that, so a client that sees the connection close may connect again at once. After a protocol
+// error it first lingers (conn.linger): it half-closes and reads until the client closes its end,
+// for at most WriteWait, so that its close frame is not lost to a reset. One more goroutine
+// belongs to the process, not to a session: reapLoop, which SetSubreaper starts and which lives as
+// long as the process, as the subreaper attribute does.
 package ccexecutor
 
 import (
