@@ -145,39 +145,7 @@ func healthz(addr string) (net.Conn, error) {
 // the binary runs under a shell that sets it.
 func startServeLimited(t *testing.T, nofile int, args ...string) *serveProc {
 	t.Helper()
-	s := &serveProc{exited: make(chan struct{})}
-	s.cmd = exec.Command("/bin/sh", append([]string{"-c", fmt.Sprintf(`ulimit -n %d && exec "$0" "$@"`, nofile), binPath}, args...)...)
-	s.cmd.Env = serveEnv()
-	s.cmd.Stderr = &s.stderr
-	out, err := s.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	first := make(chan string, 1)
-	go func() { // returns at the end of the server's stdout
-		line, _ := bufio.NewReader(out).ReadString('\n')
-		first <- line
-		io.Copy(io.Discard, out)
-		s.err = s.cmd.Wait()
-		close(s.exited)
-	}()
-	t.Cleanup(func() {
-		s.cmd.Process.Kill()
-		<-s.exited
-	})
-	select {
-	case line := <-first:
-		addr, ok := strings.CutPrefix(strings.TrimSuffix(line, "/ws/mcp\n"), "ccexecutor listening on ws://")
-		if !ok {
-			<-s.exited
-			t.Fatalf("first line %q, want the listening line; stderr:\n%s", line, &s.stderr)
-		}
-		s.addr = addr
-	case <-time.After(runWait):
-		t.Fatalf("the server did not say where it listens within %v", runWait)
-	}
-	return s
+	cmd := exec.Command("/bin/sh", append([]string{"-c", fmt.Sprintf(`ulimit -n %d && exec "$0" "$@"`, nofile), binPath}, args...)...)
+	cmd.Env = serveEnv()
+	return startServeCmd(t, cmd)
 }

@@ -51,9 +51,15 @@ type serveProc struct {
 // killed at the end of the test if it is still running then.
 func startServe(t *testing.T, env []string, args ...string) *serveProc {
 	t.Helper()
-	s := &serveProc{exited: make(chan struct{})}
-	s.cmd = exec.Command(binPath, args...)
-	s.cmd.Env = env
+	cmd := exec.Command(binPath, args...)
+	cmd.Env = env
+	return startServeCmd(t, cmd)
+}
+
+// startServeCmd is startServe with the command given: the binary, or a shell that execs it.
+func startServeCmd(t *testing.T, cmd *exec.Cmd) *serveProc {
+	t.Helper()
+	s := &serveProc{cmd: cmd, exited: make(chan struct{})}
 	s.cmd.Stderr = &s.stderr
 	out, err := s.cmd.StdoutPipe()
 	if err != nil {
