@@ -389,9 +389,9 @@ func TestRunTLS(t *testing.T) {
 	}
 }
 
-// testCert makes a self-signed CA certificate for host (an IP address or a name) and returns
+// testCert makes a self-signed CA certificate for hosts (IP addresses or names) and returns
 // it in PEM, and as the certificate of a TLS server.
-func testCert(t *testing.T, host string) ([]byte, tls.Certificate) {
+func testCert(t *testing.T, hosts ...string) ([]byte, tls.Certificate) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -407,10 +407,12 @@ func testCert(t *testing.T, host string) ([]byte, tls.Certificate) {
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 	}
-	if ip := net.ParseIP(host); ip != nil {
-		tmpl.IPAddresses = []net.IP{ip}
-	} else {
-		tmpl.DNSNames = []string{host}
+	for _, host := range hosts {
+		if ip := net.ParseIP(host); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, host)
+		}
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
