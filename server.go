@@ -63,16 +63,17 @@
 // request becomes, with the allowlist); control.go (PAUSE, RESUME and CANCEL); run.go (a run, from
 // execute to process.completed); session.go (the registry and everything a session does, its
 // reader and writer included); server.go (the HTTP side, access checks, health, Shutdown). The
-// only names a file takes from above are the session's: the methods of session that live in
-// control.go and run.go, and the session's pointer to its Server.
+// only names a file takes from above are the session's: control.go and run.go hold methods of
+// session, which call its send, and a session keeps a pointer to its Server for the configuration,
+// counters and logs they share.
 //
 // # Using the module
 //
 // Until it is published, the module github.com/ccexecutor/ccexecutor is used from a checkout, with
 // a replace directive in the go.mod of the program that imports it ("replace
 // github.com/ccexecutor/ccexecutor => ../ccexecutor"), or as a vendored copy of it. A Server is an
-// http.Handler; the example of NewServer mounts it in an http.ServeMux next to other handlers,
-// serves it as the binary does, and shuts it down.
+// http.Handler; the package's example (Example_serveMux) mounts it in an http.ServeMux next to
+// other handlers, serves it as the binary does, and shuts it down.
 //
 // # Concurrency
 //
