@@ -33,9 +33,6 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// leakedGoroutines returns the stacks of the package's goroutines still running, but the
-// reaper that SetSubreaper started, waiting up to a few seconds for those that are on their way
-// out (closing a test server is asynchronous).
 // runOwn runs cmd to its end as a child of this test binary. TestMain made the binary a
 // subreaper, whose reaper reaps every exited child but the leaders of runs; cmd is recorded as
 // one, so that its Wait keeps its exit status (see SetSubreaper).
@@ -46,6 +43,9 @@ func runOwn(cmd *exec.Cmd) error {
 	return waitLeader(cmd)
 }
 
+// leakedGoroutines returns the stacks of the package's goroutines still running, but the
+// reaper that SetSubreaper started, waiting up to a few seconds for those that are on their way
+// out (closing a test server is asynchronous).
 func leakedGoroutines() string {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
