@@ -266,8 +266,8 @@ func (c *cgroup) signal(sig syscall.Signal) error {
 		if err != nil {
 			return gone(err)
 		}
-		for f := range strings.FieldsSeq(string(b)) {
-			if pid, err := strconv.Atoi(f); err == nil && syscall.Kill(pid, sig) == nil {
+		for _, pid := range procsPIDs(b) {
+			if syscall.Kill(pid, sig) == nil {
 				sent++
 			}
 		}
@@ -277,6 +277,19 @@ func (c *cgroup) signal(sig syscall.Signal) error {
 		err = syscall.ESRCH
 	}
 	return err
+}
+
+// procsPIDs returns the PIDs that a cgroup.procs file lists, and only those that name one
+// process. The kernel writes 0 for a process it cannot name in the reader's PID namespace, and
+// kill(0, sig) would signal the caller's own process group: the server itself.
+func procsPIDs(procs []byte) []int {
+	var pids []int
+	for f := range strings.FieldsSeq(string(procs)) {
+		if pid, err := strconv.Atoi(f); err == nil && pid > 0 {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
 }
 
 // freeze freezes c (cgroup.freeze) and waits up to wait for the kernel to report it frozen, or

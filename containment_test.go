@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -421,5 +422,28 @@ func TestContainmentLeftovers(t *testing.T) {
 	c.connected()
 	if r := c.call("execute", map[string]any{"command": "echo hi"}); r.Error == nil || !strings.Contains(r.Error.Message, "cgroup") {
 		t.Errorf("execute with an unusable cgroup: %s", r.raw)
+	}
+}
+
+// TestProcsPIDs guards against signalling the server itself: cgroup.procs lists 0 for a
+// process the kernel cannot name in the reader's PID namespace, and kill(0, sig) would send
+// sig to the caller's own process group.
+func TestProcsPIDs(t *testing.T) {
+	rows := []struct {
+		procs string
+		want  []int
+	}{
+		{"", nil},
+		{"12\n345\n", []int{12, 345}},
+		{"0\n", nil},                    // not in this PID namespace
+		{"7\n0\n8\n", []int{7, 8}},      // and the others still get the signal
+		{"-1\n-42\n", nil},              // never kill(-1): every process we may signal
+		{"x\n9\n", []int{9}},            // not a number
+		{"99999999999999999999\n", nil}, // out of range
+	}
+	for _, row := range rows {
+		if got := procsPIDs([]byte(row.procs)); !slices.Equal(got, row.want) {
+			t.Errorf("procsPIDs(%q) = %v, want %v", row.procs, got, row.want)
+		}
 	}
 }
