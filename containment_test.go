@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"os"
 	"os/exec"
@@ -62,9 +63,13 @@ func sessionOf(pid int) (state byte, sid int, ok bool) {
 	return f[0][0], sid, true
 }
 
-// inSession lists the processes of session sid, zombies included.
+// inSession lists the processes of session sid, zombies included; none for a sid of 0, the
+// session of kernel threads, which a test gets for a process that was gone when it looked.
 func inSession(sid int) map[int]byte {
 	procs := map[int]byte{}
+	if sid <= 0 {
+		return procs
+	}
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
 		if pid, err := strconv.Atoi(e.Name()); err == nil {
@@ -97,6 +102,16 @@ func reapSession(t *testing.T, sid int) {
 			t.Fatalf("session %d still has processes: %v", sid, left)
 		}
 		runtime.Gosched()
+	}
+}
+
+// killSession sends SIGKILL to the process group of session sid's leader, where the escapees
+// of a test live. A sid of 0 (a process that was already gone when its session was read) is
+// never signalled: kill(0, sig) would kill this test binary's own group, and with it go test
+// and the shell that started it.
+func killSession(sid int) {
+	if sid > 0 {
+		syscall.Kill(-sid, syscall.SIGKILL)
 	}
 }
 
@@ -139,7 +154,8 @@ func TestContainment(t *testing.T) {
 			c.call("control", map[string]any{"type": "CANCEL"})
 		}},
 		{"stream timeout", map[string]any{"timeout": 1}, "stream timeout after 1s", "; sleep 300", nil},
-		{"natural end", nil, "", "", nil},
+		// The leader waits until the test has looked at the escapee, which its end would kill.
+		{"natural end", nil, "", `; until [ -e "$CC_TEST_RELEASE" ]; do sleep 0.01; done`, nil},
 		{"client disconnect", nil, "", "; sleep 300", func(t *testing.T, ts *testServer, c *client) {
 			c.close()
 		}},
@@ -167,22 +183,31 @@ func TestContainment(t *testing.T) {
 					sessionEnds := end.name == "client disconnect" || end.name == "Shutdown"
 					c := dial(t, ts.addr)
 					c.connected()
-					_, first := c.start(cmd.command+end.tail, end.params)
+					release := filepath.Join(t.TempDir(), "release")
+					params := map[string]any{"env": map[string]string{"CC_TEST_RELEASE": release}}
+					maps.Copy(params, end.params)
+					_, first := c.start(cmd.command+end.tail, params)
 					escapee, err := strconv.Atoi(strings.TrimSpace(first))
 					if err != nil {
 						t.Fatalf("first line %q: want the escapee's PID", first)
 					}
-					_, sid, _ := sessionOf(escapee)
+					_, sid, ok := sessionOf(escapee)
+					if !ok {
+						t.Fatalf("escapee %d was gone before the test looked at it", escapee)
+					}
 					t.Cleanup(func() {
 						if !t.Failed() {
 							return
 						}
-						syscall.Kill(-sid, syscall.SIGKILL) // the escapees' group: not to leave them to TestMain
+						killSession(sid) // the escapees' group: not to leave them to TestMain
 						reapSession(t, sid)
 					})
 					dir := cgroupDir(t, escapee)
 					if contained != strings.HasPrefix(filepath.Base(dir), runPrefix) {
 						t.Fatalf("escapee %d is in cgroup %s; want a run's cgroup: %v", escapee, dir, contained)
+					}
+					if err := os.WriteFile(release, nil, 0o644); err != nil {
+						t.Fatal(err)
 					}
 					if end.end != nil {
 						end.end(t, ts, c)
@@ -199,7 +224,7 @@ func TestContainment(t *testing.T) {
 						if st, _, ok := sessionOf(escapee); !ok || st == 'Z' {
 							t.Errorf("escapee %d ended without containment (state %c); the test no longer shows the limit", escapee, st)
 						}
-						syscall.Kill(-sid, syscall.SIGKILL)
+						killSession(sid)
 						reapSession(t, sid)
 						return
 					}
@@ -233,9 +258,12 @@ func TestContainment(t *testing.T) {
 			if err != nil {
 				t.Fatalf("first line %q: want the escapee's PID", first)
 			}
-			_, sid, _ := sessionOf(escapee)
+			_, sid, ok := sessionOf(escapee)
+			if !ok {
+				t.Fatalf("escapee %d was gone before the test looked at it", escapee)
+			}
 			defer reapSession(t, sid)
-			defer syscall.Kill(-sid, syscall.SIGKILL) // no-op when containment ended it
+			defer killSession(sid) // no-op when containment ended it
 			count := func() int {
 				b, _ := os.ReadFile(counter)
 				n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
