@@ -33,6 +33,9 @@ func newTestServer(t *testing.T, cfg Config) *testServer {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.Cgroup == "" {
+		cfg.Cgroup = os.Getenv(testCgroupEnv)
+	}
 	s := NewServer(cfg)
 	hs := httptest.NewServer(s)
 	t.Cleanup(func() {

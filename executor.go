@@ -14,14 +14,17 @@ import (
 // prSetChildSubreaper is prctl's PR_SET_CHILD_SUBREAPER, which package syscall does not define.
 const prSetChildSubreaper = 36
 
+// recheckMax is the longest wait looks away from a group whose members it cannot hear exit.
+const recheckMax = 100 * time.Millisecond
+
 // SetSubreaper makes the calling process a child subreaper (Linux, PR_SET_CHILD_SUBREAPER): a
 // process that a run leaves behind, in its group or out of it (setsid), and whose parent exits
 // is re-parented to this process instead of to init. It also starts the reaper, which reaps
 // each such child soon after it exits, so that no zombie is left behind even where init does
 // not reap. It affects the whole process, so the package never calls it by itself; the
-// ccexecutor binary calls it at start. Without it a run still ends its whole group but reaps
-// only the group's leader, and a member that outlived its parent gets SIGKILL without a grace
-// period.
+// ccexecutor binary calls it at start. Without it a run still ends its whole group, SIGTERM
+// then SIGKILL after the kill grace, but reaps only the group's leader: what the run leaves
+// behind is init's to reap.
 //
 // The reaper reaps, by PID, every child of the process that has exited and is not the leader
 // of a run in progress. A program that calls SetSubreaper must therefore not start children of
@@ -145,14 +148,17 @@ func growPipe(f *os.File) {
 	}
 }
 
-// wait reaps the leader, then waits until no member of its group is a child of this process
-// (see SetSubreaper): the reaper reaps them as they exit; and, when the run is contained, until
-// its cgroup is empty and removed. It must run in its own goroutine for every started process;
-// it returns only after the group (the cgroup) has ended, which supervise ensures.
+// wait reaps the leader, then waits until no member of its group is left (see groupLeft),
+// with the reaper reaping those that are this process's children (see SetSubreaper); and, when
+// the run is contained, until its cgroup is empty and removed. It must run in its own goroutine
+// for every started process; it returns only after the group (the cgroup) has ended, which
+// supervise ensures.
 //
 // It never blocks in wait4(-pgid): a member that is in the group when that call starts and
 // then leaves it (setsid) makes it wait for good, since only an exit in the group wakes it.
-// Instead it checks the children after each reaping round and after each signal to the group.
+// Instead it looks at the group again after each reaping round, after each signal to the
+// group, and, since members that are not its children exit without a word to this process,
+// after a delay that grows from 1 ms to recheckMax.
 func (p *process) wait() {
 	err := waitLeader(p.cmd)
 	var exit *exec.ExitError
@@ -160,15 +166,18 @@ func (p *process) wait() {
 		p.err = fmt.Errorf("wait for %d: %w", p.pid, err)
 	}
 	close(p.leader)
-	for {
+	for delay := time.Millisecond; ; delay = min(2*delay, recheckMax) {
 		round := nextRound() // taken before the check, so that no round is missed
-		if !childInGroup(p.pid) {
+		if !groupLeft(p.pid) {
 			break
 		}
+		t := time.NewTimer(delay)
 		select {
 		case <-round:
 		case <-p.recheck:
+		case <-t.C:
 		}
+		t.Stop()
 	}
 	if p.cg != nil {
 		p.err = errors.Join(p.err, p.cg.remove(time.Time{}))

@@ -1,6 +1,7 @@
 package ccexecutor
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -727,4 +729,45 @@ func TestCancellationCleanup(t *testing.T) {
 			})
 		}
 	}
+
+	// The leader exits by itself and leaves a member behind, which holds stdout: the run ends
+	// the member too before it reports the leader's exit.
+	t.Run("the leader exits, a member is left", func(t *testing.T) {
+		t.Parallel()
+		ts := newTestServer(t, Config{KillGrace: grace})
+		c := dial(t, ts.addr)
+		c.connected()
+		pgid, first := c.start("sleep 300 & echo $!", nil)
+		member, err := strconv.Atoi(strings.TrimSpace(first))
+		if err != nil {
+			t.Fatalf("first line %q, want the member's PID", first)
+		}
+		done, _ := c.until("process.completed")
+		if p := done.Params; p.Status != "completed" || p.Error != nil || p.ExitCode == nil || *p.ExitCode != 0 {
+			t.Errorf("process.completed = %s, want completed, exit code 0, no error", done.raw)
+		}
+		if st, ok := procStat(member); ok && st.state != 'Z' {
+			t.Errorf("member %d is still alive after process.completed, state %c", member, st.state)
+		}
+		assertGroupGone(t, pgid)
+		c.assertWorks()
+	})
+
+	// As in a program that embeds the package and never calls SetSubreaper, with process
+	// groups: no member of a run's group is then a child of the server, and every run must
+	// still end all of them. The test binary runs this test again in that setting.
+	t.Run("without a subreaper", func(t *testing.T) {
+		if os.Getenv(noSubreaperEnv) != "" {
+			t.Skip("this is the run without a subreaper")
+		}
+		t.Parallel()
+		cmd := exec.Command(os.Args[0], "-test.run=^TestCancellationCleanup$", "-test.count=1",
+			"-test.short="+strconv.FormatBool(testing.Short()))
+		cmd.Env = append(os.Environ(), noSubreaperEnv+"=1", testCgroupEnv+"="+CgroupOff)
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := runOwn(cmd); err != nil {
+			t.Fatalf("TestCancellationCleanup without a subreaper, with process groups: %v\n%s", err, out.Bytes())
+		}
+	})
 }

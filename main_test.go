@@ -15,9 +15,11 @@ import (
 // tests can see every member of a group reaped; after the tests it checks that no goroutine of
 // the package and no child process is left.
 func TestMain(m *testing.M) {
-	if err := SetSubreaper(); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
+	if os.Getenv(noSubreaperEnv) == "" {
+		if err := SetSubreaper(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	if code == 0 {
@@ -32,6 +34,13 @@ func TestMain(m *testing.M) {
 	}
 	os.Exit(code)
 }
+
+// Environment variables with which a test binary runs its tests again in another setting (see
+// TestCancellationCleanup's "without a subreaper").
+const (
+	noSubreaperEnv = "CCEXECUTOR_TEST_NO_SUBREAPER" // set: TestMain does not call SetSubreaper
+	testCgroupEnv  = "CCEXECUTOR_TEST_CGROUP"       // Config.Cgroup of test servers that set none
+)
 
 // runOwn runs cmd to its end as a child of this test binary. TestMain made the binary a
 // subreaper, whose reaper reaps every exited child but the leaders of runs; cmd is recorded as

@@ -128,17 +128,31 @@ func waitLeader(cmd *exec.Cmd) error {
 	return err
 }
 
-// childInGroup reports whether a child of this process, alive or not yet reaped, is in process
-// group pgid, whose leader has been reaped. A child whose PID is pgid is the leader of a new
-// group that reused the number, which the kernel allows only once the old group is empty.
-// Without the subreaper attribute no member of a run's group is ever a child of this process.
-func childInGroup(pgid int) bool {
+// groupLeft reports whether process group pgid, whose leader has been reaped, still has a
+// member to wait for: one that runs, or one that has exited and is this process's to reap
+// (the reaper reaps it). A member that has exited and whose parent is some other process is
+// that parent's to reap, and may never be (init here does not reap): it is not waited for. A
+// member that left the group (setsid) is not in it. The kernel gives the number pgid to no new
+// process while a member of the old group is left, so a process whose PID is pgid means that
+// the old group is gone and the number was taken again.
+func groupLeft(pgid int) bool {
 	if syscall.Kill(-pgid, 0) == syscall.ESRCH {
 		return false // no process at all is in the group: the usual case, without a scan
 	}
-	for _, pid := range childPIDs() {
+	me := os.Getpid()
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
 		if st, ok := readStat(pid); ok && st.pgrp == pgid {
-			return pid != pgid
+			if pid == pgid {
+				return false
+			}
+			if st.state != 'Z' || st.ppid == me {
+				return true
+			}
 		}
 	}
 	return false
