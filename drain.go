@@ -61,7 +61,7 @@ func (r *pipeReader) drain(idle time.Duration) {
 }
 
 // stop is called, after drain, when the session ends (the server shuts down): then the
-// reader waits for no slow client. The deadline that the last Read or drain set stays; a pipe
+// pipe is not read at a slow client's pace any longer. The deadline that the last Read or drain set stays; a pipe
 // drained without one (containment) gets one of grace from now.
 func (r *pipeReader) stop(grace time.Duration) {
 	r.mu.Lock()

@@ -85,7 +85,9 @@ func (s *session) runToEnd(ctx context.Context, r *run, timeout time.Duration) r
 	}
 	stdout.drain(idle)
 	stderr.drain(idle)
-	// A session that ends (Shutdown) waits for no slow client: the pipes get one kill grace.
+	// A session that ends (Shutdown) does not read the backlog at a slow client's pace: the
+	// pipes get one kill grace. What is already queued (two batches a stream) is still written
+	// while the client keeps accepting minProgress bytes a WriteWait.
 	cut := make(chan struct{})
 	stopCut := context.AfterFunc(s.ctx, func() { stdout.stop(grace); stderr.stop(grace); close(cut) })
 	wg.Wait()
