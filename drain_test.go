@@ -41,6 +41,9 @@ func TestOutputDelivered(t *testing.T) {
 	// the cgroup is empty (containment, where the machine allows it).
 	for _, cgroup := range []string{CgroupOff, CgroupAuto} {
 		t.Run("slow client, seq 1 300000, cgroup "+cgroup, func(t *testing.T) {
+			if testing.Short() && cgroup == CgroupAuto {
+				t.Skip("one way is enough with -short")
+			}
 			t.Parallel()
 			slowClient(t, cgroup)
 		})

@@ -760,6 +760,9 @@ func TestCancellationCleanup(t *testing.T) {
 		if os.Getenv(noSubreaperEnv) != "" {
 			t.Skip("this is the run without a subreaper")
 		}
+		if testing.Short() {
+			t.Skip("the whole test again, in a second test binary; it runs without -short")
+		}
 		t.Parallel()
 		cmd := exec.Command(os.Args[0], "-test.run=^TestCancellationCleanup$", "-test.count=1",
 			"-test.short="+strconv.FormatBool(testing.Short()))

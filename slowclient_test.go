@@ -41,6 +41,9 @@ func TestSlowClient(t *testing.T) {
 	}
 	for _, row := range rows {
 		t.Run(row.name, func(t *testing.T) {
+			if testing.Short() && row.clients*int(row.writeWait/time.Millisecond) > 5000 {
+				t.Skip("the slowest row; it runs without -short")
+			}
 			logs := newLogWatch()
 			ts := newTestServer(t, Config{
 				WriteWait:   row.writeWait,
