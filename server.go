@@ -33,8 +33,9 @@
 // FIX_006_CANCELLED_CLEANUP, cancellation cleanup: every end of a run, be it cancel, timeout,
 // disconnect, shutdown or its own exit, goes through supervise (executor.go), which ends the whole
 // group with SIGTERM, SIGCONT and SIGKILL after the kill grace, and through process.wait, which
-// reaps the leader and returns once no member of the group is left to reap; the session joins
-// every goroutine before it frees its slot. TestCancellationCleanup (executor_test.go) proves it.
+// reaps the leader and returns once no member of the group is left (groupLeft, reap.go); the
+// session joins every goroutine before it frees its slot. TestCancellationCleanup
+// (executor_test.go) proves it, and runs itself again in a test binary that is no subreaper.
 // With SetSubreaper, reapLoop (reap.go) also reaps, by PID, what a run leaves behind, in its group
 // or out of it, and never a leader that exec.Cmd.Wait waits for: TestOrphansReaped (reap_test.go).
 // process.wait never blocks in wait4(-pgid), which a member that leaves the group would never
