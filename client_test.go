@@ -2,6 +2,7 @@ package ccexecutor
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
@@ -109,6 +110,12 @@ func dial(t *testing.T, addr string) *client {
 
 // tryDial performs the handshake with the extra headers h and returns the response.
 func tryDial(t *testing.T, addr string, h http.Header) (*client, *http.Response, error) {
+	return dialAhead(t, addr, h, nil)
+}
+
+// dialAhead is tryDial sending ahead, in the same write as the handshake's request, before it
+// reads the answer: bytes that reach the server before it has answered.
+func dialAhead(t *testing.T, addr string, h http.Header, ahead []byte) (*client, *http.Response, error) {
 	nc, err := net.Dial("tcp", addr)
 	if err != nil {
 		return nil, nil, err
@@ -124,7 +131,9 @@ func tryDial(t *testing.T, addr string, h http.Header) (*client, *http.Response,
 	for k, v := range h {
 		req.Header[k] = v
 	}
-	if err := req.Write(nc); err != nil {
+	var out bytes.Buffer
+	req.Write(&out)
+	if _, err := nc.Write(append(out.Bytes(), ahead...)); err != nil {
 		return nil, nil, err
 	}
 	br := bufio.NewReader(nc)

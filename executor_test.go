@@ -257,6 +257,20 @@ func TestSessionLimit(t *testing.T) {
 			}
 			assertRefused(t, extra, m)
 
+			// N+1 that sent its first request before it read anything, as many clients do: it
+			// still gets the refusal and the close frame, which closing with its request unread
+			// would have destroyed with a reset.
+			request := maskedFrame(opText, []byte(`{"jsonrpc":"2.0","method":"execute","params":{"command":"echo `+strings.Repeat("x", 60<<10)+`"},"id":1}`))
+			eager, resp, err := dialAhead(t, ts.addr, nil, request)
+			if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+				t.Fatalf("handshake with a request sent ahead: %v, %v", resp, err)
+			}
+			m, err = eager.read()
+			if err != nil || m.Error == nil || m.Error.Code != -32001 {
+				t.Fatalf("connection %d with a request sent: %+v, %v; want -32001", limit+1, m, err)
+			}
+			assertRefused(t, eager, m)
+
 			// A slot freed by a disconnect is usable at once, and the sessions held still work.
 			admitted[0].close()
 			c := dial(t, ts.addr)

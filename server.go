@@ -406,11 +406,13 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 		b := appendFrame(nil, opText, []byte(`{"jsonrpc":"2.0","error":{"code":-32001,"message":"Session limit exceeded","data":null}}`))
 		c.Write(appendFrame(b, opClose, closePayload(1008, "Session limit exceeded")))
 		s.refused.warn("session refused", "session limit exceeded", "remote", ws.Request().RemoteAddr, "close_code", 1008)
+		c.linger(s.cfg.WriteWait) // a request the client sent at once must not turn the close into a reset
 		return
 	default:
 		s.metrics.refuse(refuseShuttingDown)
 		c.Write(appendFrame(nil, opClose, closePayload(1001, "Server shutting down")))
 		s.refused.warn("session refused", "server shutting down", "remote", ws.Request().RemoteAddr, "close_code", 1001)
+		c.linger(s.cfg.WriteWait)
 		return
 	}
 	ss.ctx, ss.cancel = context.WithCancelCause(s.ctx)
