@@ -154,7 +154,20 @@ func (c *client) writeFrame(op byte, payload []byte) {
 
 // tryWriteFrame is writeFrame for a client that expects the server to close the connection.
 func (c *client) tryWriteFrame(op byte, payload []byte) error {
-	b := []byte{0x80 | op}
+	c.c.SetWriteDeadline(time.Now().Add(20 * time.Second))
+	_, err := c.c.Write(maskedFrame(op, payload))
+	return err
+}
+
+// maskedFrame encodes one final client frame, masked as a client must.
+func maskedFrame(op byte, payload []byte) []byte {
+	return appendMasked(nil, 0x80|op, payload)
+}
+
+// appendMasked appends a client frame with the first byte head (FIN, RSV bits and opcode, as a
+// test wants them), its payload masked.
+func appendMasked(b []byte, head byte, payload []byte) []byte {
+	b = append(b, head)
 	switch n := len(payload); {
 	case n <= 125:
 		b = append(b, 0x80|byte(n))
@@ -163,14 +176,12 @@ func (c *client) tryWriteFrame(op byte, payload []byte) error {
 	default:
 		b = binary.BigEndian.AppendUint64(append(b, 0x80|127), uint64(n))
 	}
-	mask := []byte{1, 2, 3, 4}
-	b = append(b, mask...)
+	mask := [4]byte{0x5a, 0x17, 0xc3, 0x08}
+	b = append(b, mask[:]...)
 	for i, x := range payload {
 		b = append(b, x^mask[i%4])
 	}
-	c.c.SetWriteDeadline(time.Now().Add(20 * time.Second))
-	_, err := c.c.Write(b)
-	return err
+	return b
 }
 
 // readFrame reads one frame; control frames other than close are returned like the rest.

@@ -1,7 +1,6 @@
 package ccexecutor
 
 import (
-	"encoding/binary"
 	"fmt"
 	"io"
 	"log/slog"
@@ -288,29 +287,6 @@ func trim(s string) string {
 		return s[:200] + fmt.Sprintf("...(%d bytes)", len(s))
 	}
 	return s
-}
-
-// maskedFrame encodes one final client frame, masked as a client must.
-func maskedFrame(op byte, payload []byte) []byte {
-	return appendMasked(nil, 0x80|op, payload)
-}
-
-func appendMasked(b []byte, head byte, payload []byte) []byte {
-	b = append(b, head)
-	switch n := len(payload); {
-	case n <= 125:
-		b = append(b, 0x80|byte(n))
-	case n <= 0xffff:
-		b = binary.BigEndian.AppendUint16(append(b, 0x80|126), uint16(n))
-	default:
-		b = binary.BigEndian.AppendUint64(append(b, 0x80|127), uint64(n))
-	}
-	mask := [4]byte{0x5a, 0x17, 0xc3, 0x08}
-	b = append(b, mask[:]...)
-	for i, x := range payload {
-		b = append(b, x^mask[i%4])
-	}
-	return b
 }
 
 // writeRawFrame sends one masked frame with the FIN bit as given, so that a message can be
