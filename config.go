@@ -14,6 +14,7 @@ const (
 	WriteWait       = 10 * time.Second // time in which a client must accept 128 KiB of waiting output, or count as gone
 	MaxMessageBytes = 1 << 20          // largest inbound message, all fragments together; a larger one gets -32600
 	PingInterval    = 20 * time.Second // write silence after which the server sends a Ping
+	ReattachBuffer  = 1 << 20          // bytes of sent messages kept for a reattach until a Pong acknowledges them
 )
 
 // Config configures a Server. A zero field takes its default.
@@ -25,6 +26,12 @@ type Config struct {
 	WriteWait       time.Duration // default WriteWait
 	MaxMessageBytes int           // default MaxMessageBytes
 	PingInterval    time.Duration // default PingInterval
+
+	// ReattachWindow, when positive, lets a client whose connection was lost reattach to its
+	// session within this time, the run going on meanwhile (PROTOCOL.md, Reattach). Zero, the
+	// default, ends a session when its connection is lost.
+	ReattachWindow time.Duration
+	ReattachBuffer int // default ReattachBuffer; used only with a ReattachWindow
 
 	// AllowedCommands, when not empty, are the only programs execute may run: a command is then
 	// split into words and run without a shell, and one holding shell syntax is refused.
