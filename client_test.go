@@ -116,6 +116,11 @@ func tryDial(t *testing.T, addr string, h http.Header) (*client, *http.Response,
 // dialAhead is tryDial sending ahead, in the same write as the handshake's request, before it
 // reads the answer: bytes that reach the server before it has answered.
 func dialAhead(t *testing.T, addr string, h http.Header, ahead []byte) (*client, *http.Response, error) {
+	return dialTarget(t, addr, "/ws/mcp", h, ahead)
+}
+
+// dialTarget is dialAhead asking for target, a path with an optional query, instead of /ws/mcp.
+func dialTarget(t *testing.T, addr, target string, h http.Header, ahead []byte) (*client, *http.Response, error) {
 	nc, err := net.Dial("tcp", addr)
 	if err != nil {
 		return nil, nil, err
@@ -123,7 +128,7 @@ func dialAhead(t *testing.T, addr string, h http.Header, ahead []byte) (*client,
 	t.Cleanup(func() { nc.Close() })
 	key := make([]byte, 16)
 	rand.Read(key)
-	req, _ := http.NewRequest("GET", "http://"+addr+"/ws/mcp", nil)
+	req, _ := http.NewRequest("GET", "http://"+addr+target, nil)
 	req.Header.Set("Upgrade", "websocket")
 	req.Header.Set("Connection", "Upgrade")
 	req.Header.Set("Sec-WebSocket-Key", base64.StdEncoding.EncodeToString(key))
