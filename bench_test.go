@@ -83,7 +83,7 @@ func BenchmarkAppendOutput(b *testing.B) {
 			line := []byte(bc.line)
 			var frames []byte
 			for b.Loop() {
-				frames = appendOutputFrame(frames[:0], "stdout", line, 0)
+				frames = appendOutputFrame(frames[:0], "stdout", line, 0, 0)
 			}
 		})
 	}
