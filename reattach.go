@@ -24,7 +24,7 @@ type attachment struct {
 	released chan struct{} // closed by release: the session no longer uses conn
 	relOnce  sync.Once
 	closed   chan struct{} // closed by the owner once conn is closed
-	broken   bool          // set before release: the session failed the connection, so linger before closing
+	broken   atomic.Bool   // the session failed the connection: the owner lingers before closing it
 
 	acked atomic.Uint64 // the most messages a Pong on this connection acknowledged
 	ackc  chan struct{} // holds a token once acked has grown
@@ -105,6 +105,7 @@ type replay struct {
 	dropped uint64        // messages 1..dropped are acknowledged and no longer held
 	sent    uint64        // messages counted so far
 	spare   [][]byte      // buffers of dropped batches, for reuse
+	spared  int           // their capacity: held and spare together stay within max and a batch
 }
 
 type replayBatch struct {
@@ -126,6 +127,7 @@ func (r *replay) add(b *batch) {
 	var buf []byte
 	if n := len(r.spare); n > 0 && cap(r.spare[n-1]) >= size {
 		buf, r.spare = r.spare[n-1][:0], r.spare[:n-1]
+		r.spared -= cap(buf)
 	} else {
 		buf = make([]byte, 0, size)
 	}
@@ -149,8 +151,9 @@ func (r *replay) ack(n uint64) {
 		h := &r.held[i]
 		r.bytes -= len(h.buffer)
 		r.dropped = h.first + uint64(h.b.n) - 1
-		if len(r.spare) < cap(r.held)/2+1 && cap(h.buffer) <= maxBatch+maxInline {
+		if r.bytes+r.spared+cap(h.buffer) <= r.max {
 			r.spare = append(r.spare, h.buffer)
+			r.spared += cap(h.buffer)
 		}
 		*h = replayBatch{}
 	}

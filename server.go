@@ -453,7 +453,7 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 func (s *Server) own(ss *session, a *attachment) {
 	ss.readLoop(a)
 	<-a.released
-	if a.broken {
+	if a.broken.Load() {
 		a.conn.linger(s.cfg.WriteWait)
 	}
 	a.conn.Close()

@@ -163,7 +163,7 @@ func (s *session) serve(a *attachment) {
 				// From a connection the session left: a takeover replaced it.
 			case f.bye != nil:
 				s.bye = f.bye // the client closed, or broke the protocol: the session ends
-				s.att.broken = f.failed
+				s.att.broken.Store(f.failed)
 				s.cancel(errClientGone)
 			default:
 				s.handle(f)
