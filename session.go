@@ -212,6 +212,10 @@ func (s *session) serve(a *attachment) {
 	}
 	close(s.out)
 	<-s.flushed // every queued frame is written, or no client can get them
+	if s.att != nil {
+		s.att.conn.SetReadDeadline(time.Unix(1, 0)) // stops its readLoop without closing: see serveConn
+		<-s.att.read
+	}
 	s.wg.Wait()
 }
 
@@ -264,6 +268,7 @@ func (s *session) reattach(a *attachment) bool {
 // Pings, until a read fails, the client sends a close frame or breaks the protocol. The last
 // two are handed to serve as the close frame to answer with. A failed read marks a lost.
 func (s *session) readLoop(a *attachment) {
+	defer close(a.read)
 	defer a.fail()
 	fr := frameReader{r: a.conn.in, max: s.srv.cfg.MaxMessageBytes}
 	for {
