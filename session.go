@@ -247,12 +247,21 @@ func (s *session) attach(a *attachment, from uint64) bool {
 	return true
 }
 
+// takeoverWait is the write deadline of a connection that a reattach takes over: time for the
+// write in progress and the close frame that says why.
+const takeoverWait = time.Second
+
 // reattach attaches the connection of a reattach when its token is the session's, and gives it a
 // fresh token: each works once. It reports whether a is attached.
 func (s *session) reattach(a *attachment) bool {
 	if subtle.ConstantTimeCompare([]byte(a.token), []byte(s.token)) != 1 {
 		a.reply <- errUnknownResume
 		return false
+	}
+	if s.att != nil {
+		// A takeover: the writer may be stuck on the old connection, which may be the one a
+		// network blip cut without a word. Give it a moment, not a whole write wait.
+		s.att.conn.hurry(takeoverWait)
 	}
 	token := s.token
 	s.token = newToken()
