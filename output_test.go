@@ -72,12 +72,12 @@ func TestOutputFrames(t *testing.T) {
 	}
 	for _, row := range rows {
 		t.Run(row.name, func(t *testing.T) {
-			want := appendFrame(nil, opText, appendOutput(nil, "stdout", []byte(row.line), row.dropped))
+			want := appendFrame(nil, opText, appendOutput(nil, "stdout", []byte(row.line), row.dropped, 0))
 			if !utf8.Valid(want[4:]) && !utf8.Valid(want[10:]) {
 				t.Fatalf("the reference frame is not UTF-8")
 			}
 			b := &batch{frames: []byte("before")}
-			if long := b.addOutput("stdout", []byte(row.line), row.dropped); long != row.long {
+			if long := b.addOutput("stdout", []byte(row.line), row.dropped, 0); long != row.long {
 				t.Errorf("addOutput reports long = %v, want %v", long, row.long)
 			}
 			got := writeOut(t, b)
@@ -93,7 +93,8 @@ func writeOut(t *testing.T, b *batch) []byte {
 	t.Helper()
 	client, server := net.Pipe()
 	defer client.Close()
-	c := &conn{Conn: server, raw: server, wait: 10 * time.Second}
+	c := newConn(server, 10*time.Second)
+	c.raw = server
 	errc := make(chan error, 1)
 	go func() { // returns once the batch is written, or the pipe is closed
 		var bufs net.Buffers
@@ -176,7 +177,8 @@ func TestWriteProgress(t *testing.T) {
 				t.Parallel()
 				client, server := net.Pipe()
 				defer client.Close()
-				c := &conn{Conn: server, raw: server, wait: wait}
+				c := newConn(server, wait)
+				c.raw = server
 				done := make(chan struct{})
 				read := make(chan int, 1)
 				go func() { // returns once the pipe is closed
