@@ -6,11 +6,16 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -70,9 +75,15 @@ type rclient struct {
 	tokens   []string // every token received, in order
 	received int64    // messages received since the first connected, connected excluded
 	msgs     []rmsg   // those messages, in order, across connections
-	pings    int      // Pings answered
-	acked    int64    // the count of the last Ping answered
+	pings    []ping   // Pings answered, in order
 	calls    int      // requests sent
+}
+
+// ping is a Ping a client answered.
+type ping struct {
+	at      int64 // how many messages the client had received then
+	count   int64 // the count it carried, or -1 without one
+	attachs int   // how many connections the client had made by then
 }
 
 // rattach connects to addr and reads connected, which must offer reattaching.
@@ -95,19 +106,24 @@ func (c *rclient) expectConnected() {
 	switch {
 	case m.Method != "connected":
 		c.t.Fatalf("first message %s, want connected", trim(m.raw))
-	case p.ResumeToken == nil || len(*p.ResumeToken) != 32:
-		c.t.Fatalf("connected %s: want a resume_token of 32 hex digits", trim(m.raw))
-	case p.ReattachWindow == nil || *p.ReattachWindow <= 0:
-		c.t.Fatalf("connected %s: want a positive reattach_window", trim(m.raw))
 	case c.id != "" && p.SessionID != c.id:
 		c.t.Fatalf("connected after reattaching to %s names session %s", c.id, p.SessionID)
 	}
-	for _, old := range c.tokens {
-		if *p.ResumeToken == old {
-			c.t.Fatalf("connected %s repeats an earlier token", trim(m.raw))
-		}
+	// Without a token the test goes on, to show what a lost connection then does to the run.
+	token := ""
+	if p.ResumeToken != nil {
+		token = *p.ResumeToken
 	}
-	c.id, c.token = p.SessionID, *p.ResumeToken
+	if len(token) != 32 || strings.Trim(token, "0123456789abcdef") != "" {
+		c.t.Errorf("connected %s: want a resume_token of 32 hex digits", trim(m.raw))
+	}
+	if p.ReattachWindow == nil || *p.ReattachWindow <= 0 {
+		c.t.Errorf("connected %s: want a positive reattach_window", trim(m.raw))
+	}
+	if slices.Contains(c.tokens, token) {
+		c.t.Errorf("connected %s repeats an earlier token", trim(m.raw))
+	}
+	c.id, c.token = p.SessionID, token
 	c.tokens = append(c.tokens, c.token)
 }
 
@@ -125,11 +141,7 @@ func (c *rclient) readFrameMsg() (rmsg, error) {
 			}
 			return rmsg{}, io.EOF
 		case op == opPing:
-			if len(p) == 8 {
-				c.acked = int64(binary.BigEndian.Uint64(p))
-			}
-			c.pings++
-			if err := c.tryWriteFrame(opPong, p); err != nil {
+			if err := c.answer(p); err != nil {
 				return rmsg{}, err
 			}
 			continue
@@ -142,6 +154,16 @@ func (c *rclient) readFrameMsg() (rmsg, error) {
 		}
 		return m, nil
 	}
+}
+
+// answer records a Ping with payload p and answers it with a Pong that echoes p.
+func (c *rclient) answer(p []byte) error {
+	pg := ping{at: c.received, count: -1, attachs: len(c.tokens)}
+	if len(p) == 8 {
+		pg.count = int64(binary.BigEndian.Uint64(p))
+	}
+	c.pings = append(c.pings, pg)
+	return c.tryWriteFrame(opPong, p)
 }
 
 // read reads and counts the next message.
@@ -263,7 +285,9 @@ func (c *rclient) reattach(addr string) {
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		c.t.Fatalf("reattach: HTTP %s", resp.Status)
 	}
-	c.client.c.Close()
+	if c.client != nil {
+		c.client.c.Close()
+	}
 	c.client = nc
 	c.expectConnected()
 }
@@ -313,29 +337,10 @@ func health(t testing.TB, ts *testServer) sessionCounts {
 	return h
 }
 
-// waitDetached waits until /health counts n detached sessions. Nothing in the server's log or
-// on the wire says when the server has noticed a lost connection, so this polls, up to 20 s.
-func waitDetached(t testing.TB, ts *testServer, n int) {
-	t.Helper()
-	tick := time.NewTicker(5 * time.Millisecond) // a poll interval, not a wait for things to settle
-	defer tick.Stop()
-	deadline := time.After(20 * time.Second)
-	for {
-		h := health(t, ts)
-		if h.Detached != nil && *h.Detached == n {
-			return
-		}
-		select {
-		case <-tick.C:
-		case <-deadline:
-			t.Fatalf("/health %+v: want %d detached sessions", h, n)
-		}
-	}
-}
-
-// transcript is what a client received of one run, checked for a run that prints want: the
-// execute's response once, process.started once, output whose data makes want and whose seq
-// counts from 1 without a gap or a repeat, then one process.completed, last.
+// assertRun checks what a client received of the one run it started, with the execute whose id
+// is execID, for a run that prints want: the execute's response once, process.started once,
+// output whose data makes want and whose seq counts from 1 without a gap or a repeat, then one
+// process.completed, completed with exit code 0, last.
 func (c *rclient) assertRun(want string, execID string) {
 	c.t.Helper()
 	var (
@@ -386,15 +391,71 @@ func (c *rclient) assertRun(want string, execID string) {
 	}
 }
 
+// mkfifo makes a named pipe in a test directory: a run that reads it waits for the test.
+func mkfifo(t *testing.T) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "gate")
+	if err := syscall.Mkfifo(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// openGate lets a run that reads the fifo at path go on: it opens it for writing and closes it,
+// so the reader gets the end of the file.
+func openGate(t *testing.T, path string) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY, 0) // a reader is waiting, so this does not block
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+}
+
+// lose cuts the client's current connection, which l carries, reads what arrives until the
+// client notices, and waits until the server has detached the session.
+func (c *rclient) lose(l *link, mode cutMode, logs *logWatch, detached int) {
+	c.t.Helper()
+	l.cutNow(mode)
+	c.readUntilLost(l)
+	waitDetached(c.t, logs, detached)
+}
+
+// waitDetached waits until the server has logged n detaches; it fails the test at once if a
+// session closes instead, and after 20 s.
+func waitDetached(t *testing.T, logs *logWatch, n int) {
+	t.Helper()
+	timer := time.NewTimer(20 * time.Second)
+	defer timer.Stop()
+	for {
+		closed, _ := logs.count("session closed")
+		got, changed := logs.count("session detached")
+		switch {
+		case got >= n:
+			return
+		case closed > 0:
+			t.Fatalf("the session closed instead of detaching; log: %q", logs.messages())
+		}
+		select {
+		case <-changed:
+		case <-timer.C:
+			t.Fatalf("%d detaches were not logged within 20s; log: %q", n, logs.messages())
+		}
+	}
+}
+
 // TestReattach guards against the loss of a long run to a network blip when the server offers
 // reattaching, and against a reattach that loses, repeats or misorders a message, or attaches
-// to a session it has no right to.
+// to a session it has no right to. Every row but the last fails with the window at 0: run
+// them so with CCEXECUTOR_TEST_REATTACH_WINDOW=0.
 func TestReattach(t *testing.T) {
 	t.Run("seq 1 200000 through a reset and a black hole", func(t *testing.T) {
 		if testing.Short() {
 			t.Skip("200000 lines; skipped with -short")
 		}
-		ts := newTestServer(t, reattachConfig(t, Config{PingInterval: 200 * time.Millisecond, WriteWait: 500 * time.Millisecond}, time.Minute))
+		logs := newLogWatch()
+		// A short ping interval and write wait, so that the server notices the black hole soon.
+		ts := newTestServer(t, reattachConfig(t, Config{PingInterval: 200 * time.Millisecond, WriteWait: 500 * time.Millisecond, Logger: slog.New(logs)}, time.Minute))
 		p := newCutProxy(t, ts.addr)
 		c := rattach(t, p.addr())
 		// The cuts fall in the middle of frames: after about a tenth of the run on the first
@@ -406,16 +467,18 @@ func TestReattach(t *testing.T) {
 		p.last().cutAfter(cuts[0].after, cuts[0].mode)
 		c.calls++
 		c.send(map[string]any{"jsonrpc": "2.0", "method": "execute", "params": map[string]any{"command": "seq 1 200000"}, "id": "1"})
-		for _, cut := range cuts {
-			l := p.last()
-			c.readUntilLost(l)
+		for i, cut := range cuts {
+			c.readUntilLost(p.last())
 			t.Logf("%v after %d messages", cut.mode, c.received)
-			if cut.mode == cutHole {
-				waitDetached(t, ts, 1) // the server noticed the black hole by itself
+			// The server notices a reset at once, a black hole by its Pings or write deadline;
+			// the client reattaches only then, so that this is no takeover.
+			waitDetached(t, logs, i+1)
+			if h := health(t, ts); h.Active != 1 || h.Detached == nil || *h.Detached != 1 {
+				t.Errorf("/health while detached: %+v; want 1 active session, 1 detached", h)
 			}
 			c.reattach(p.addr())
-			if cut == cuts[0] {
-				p.last().cutAfter(cuts[1].after, cuts[1].mode)
+			if i+1 < len(cuts) {
+				p.last().cutAfter(cuts[i+1].after, cuts[i+1].mode)
 			}
 		}
 		if err := c.readUntilCompleted(); err != nil {
@@ -426,4 +489,216 @@ func TestReattach(t *testing.T) {
 			t.Errorf("/health %+v; want 1 active session, none detached", h)
 		}
 	})
+
+	t.Run("cut while paused, RESUME after reattaching", func(t *testing.T) {
+		logs := newLogWatch()
+		ts := newTestServer(t, reattachConfig(t, Config{Logger: slog.New(logs)}, time.Minute))
+		p := newCutProxy(t, ts.addr)
+		c := rattach(t, p.addr())
+		gate := mkfifo(t)
+		pgid := c.start("seq 1 1000; cat " + gate + " >/dev/null; seq 1001 2000") // execute: id 1
+		c.call("control", map[string]any{"type": "PAUSE"})                        // id 2
+		waitPaused(t, ts, pgid)
+		c.lose(p.last(), cutReset, logs, 1)
+		c.reattach(p.addr())
+		waitPaused(t, ts, pgid)                             // a reattach changes nothing for the run
+		c.call("control", map[string]any{"type": "RESUME"}) // id 3
+		openGate(t, gate)
+		if err := c.readUntilCompleted(); err != nil {
+			t.Fatal(err)
+		}
+		c.assertRun(string(seqOutput(2000)), "1")
+		n := map[string]int{}
+		for _, m := range c.msgs {
+			if m.Method == "" {
+				n[string(m.ID)]++
+			}
+		}
+		if n[`"2"`] != 1 || n[`"3"`] != 1 {
+			t.Errorf("PAUSE answered %d times, RESUME %d times; want once each", n[`"2"`], n[`"3"`])
+		}
+	})
+
+	t.Run("nobody returns: the window ends the run", func(t *testing.T) {
+		logs := newLogWatch()
+		const window = 500 * time.Millisecond
+		ts := newTestServer(t, reattachConfig(t, Config{KillGrace: 200 * time.Millisecond, Logger: slog.New(logs)}, window))
+		p := newCutProxy(t, ts.addr)
+		c := rattach(t, p.addr())
+		pgid := c.start("echo ready; sleep 300")
+		lost := time.Now()
+		c.lose(p.last(), cutReset, logs, 1)
+		if err := syscall.Kill(-pgid, 0); err != nil {
+			t.Errorf("the run's group is gone once the session is detached: %v", err)
+		}
+		if h := health(t, ts); h.Active != 1 || h.Detached == nil || *h.Detached != 1 {
+			t.Errorf("/health while detached: %+v; want 1 active session, 1 detached", h)
+		}
+		logs.wait(t, "session closed", 1, window+20*time.Second)
+		if d := time.Since(lost); d < window {
+			t.Errorf("the session ended %v after the cut, before its window of %v", d, window)
+		}
+		assertGroupGone(t, pgid)
+		if n := ts.sessions.len(); n != 0 {
+			t.Errorf("sessions = %d, want 0", n)
+		}
+		if h := health(t, ts); h.Active != 0 || h.Detached == nil || *h.Detached != 0 {
+			t.Errorf("/health after the window: %+v; want no session", h)
+		}
+		if causes := logs.attrs("run ended", "cause"); len(causes) != 1 || causes[0] != "client disconnected" {
+			t.Errorf("run ended with causes %q, want client disconnected", causes)
+		}
+		assertResumeRefused(t, ts.addr, c.id, c.token, strconv.FormatInt(c.received, 10), "unknown session or token")
+	})
+
+	t.Run("a spent or wrong token is refused, and spends nothing", func(t *testing.T) {
+		logs := newLogWatch()
+		ts := newTestServer(t, reattachConfig(t, Config{Logger: slog.New(logs)}, time.Minute))
+		p := newCutProxy(t, ts.addr)
+		c := rattach(t, p.addr())
+		c.runEcho()
+		spent := c.token
+		c.lose(p.last(), cutReset, logs, 1)
+		c.reattach(p.addr())
+		received := strconv.FormatInt(c.received, 10)
+		for _, token := range []string{
+			spent,
+			newToken(),
+			strings.ToUpper(c.token),
+			c.token[:31],
+			c.token + "0",
+			"",
+		} {
+			assertResumeRefused(t, ts.addr, c.id, token, received, "unknown session or token")
+		}
+		c.runEcho() // the session is still attached where it was
+		// The current token still works: a reattach with it takes the session over.
+		c2 := &rclient{t: t, id: c.id, token: c.token, tokens: c.tokens, received: c.received}
+		c2.reattach(ts.addr)
+		c2.runEcho()
+	})
+
+	t.Run("the token of another session is refused", func(t *testing.T) {
+		ts := newTestServer(t, reattachConfig(t, Config{}, time.Minute))
+		a, b := rattach(t, ts.addr), rattach(t, ts.addr)
+		a.runEcho()
+		b.runEcho()
+		assertResumeRefused(t, ts.addr, b.id, a.token, "0", "unknown session or token")
+		assertResumeRefused(t, ts.addr, a.id, b.token, "0", "unknown session or token")
+		assertResumeRefused(t, ts.addr, "", a.token, "0", "unknown session or token")
+		a.runEcho()
+		b.runEcho()
+		a2 := &rclient{t: t, id: a.id, token: a.token, tokens: a.tokens, received: a.received}
+		a2.reattach(ts.addr) // a's token still works, for a
+		a2.runEcho()
+	})
+
+	t.Run("takeover", func(t *testing.T) {
+		ts := newTestServer(t, reattachConfig(t, Config{}, time.Minute))
+		old := rattach(t, ts.addr)
+		gate := mkfifo(t)
+		old.start("seq 1 1000; cat " + gate + " >/dev/null; seq 1001 2000")
+		for m := old.next(); m.Params.Data != "500\n"; m = old.next() {
+		}
+		n := old.received
+		c := &rclient{t: t, id: old.id, token: old.token, tokens: old.tokens, received: n, msgs: slices.Clone(old.msgs), calls: old.calls}
+		c.reattach(ts.addr)
+		// The old connection gets what was already on its way, then the close frame that says
+		// why, then the end of the connection.
+		var extra []rmsg
+		for {
+			m, err := old.read()
+			if err != nil {
+				if err != io.EOF || old.closed.code != 4001 || old.closed.reason != "Session taken over by another connection" {
+					t.Errorf("old connection: %v, close %d %q; want close 4001 Session taken over by another connection", err, old.closed.code, old.closed.reason)
+				}
+				break
+			}
+			extra = append(extra, m)
+		}
+		if _, _, err := old.readFrame(); err != io.EOF {
+			t.Errorf("old connection after its close frame: %v, want the end", err)
+		}
+		openGate(t, gate)
+		if err := c.readUntilCompleted(); err != nil {
+			t.Fatal(err)
+		}
+		c.assertRun(string(seqOutput(2000)), "1")
+		for i, m := range extra {
+			if int(n)+i >= len(c.msgs) || c.msgs[int(n)+i].raw != m.raw {
+				t.Fatalf("message %d of the old connection %s differs from the new one's", int(n)+i+1, trim(m.raw))
+			}
+		}
+	})
+
+	t.Run("refused positions", func(t *testing.T) {
+		ts := newTestServer(t, reattachConfig(t, Config{PingInterval: 50 * time.Millisecond}, time.Minute))
+		c := rattach(t, ts.addr)
+		c.runEcho()
+		sent := c.received // everything sent was received: the run completed
+		addr, id, token := ts.addr, c.id, c.token
+		for _, row := range []struct{ received, reason string }{
+			{strconv.FormatInt(sent+1, 10), fmt.Sprintf("received %d but only %d messages were sent", sent+1, sent)},
+			{"18446744073709551615", fmt.Sprintf("received 18446744073709551615 but only %d messages were sent", sent)},
+			{"-1", "invalid received"},
+			{"1.5", "invalid received"},
+			{"x", "invalid received"},
+			{"18446744073709551616", "invalid received"},
+		} {
+			assertResumeRefused(t, addr, id, token, row.received, row.reason)
+		}
+		// Once a Pong acknowledged every message, no reattach can ask for them again.
+		c.awaitAck(sent)
+		c.runEcho() // the server read the Pong before this execute
+		assertResumeRefused(t, addr, id, token, "0", fmt.Sprintf("messages up to %d were acknowledged and are no longer held", sent))
+		c.runEcho() // none of them changed anything
+		c2 := &rclient{t: t, id: c.id, token: c.token, tokens: c.tokens, received: c.received}
+		c2.reattach(ts.addr)
+		c2.runEcho()
+	})
+
+	t.Run("without a window, a reattach is refused", func(t *testing.T) {
+		ts := newTestServer(t, Config{}) // not reattachConfig: this row is about the window 0
+		c := dial(t, ts.addr)
+		c.connected()
+		assertResumeRefused(t, ts.addr, "", newToken(), "0", "reattach is not enabled")
+		c.assertWorks()
+	})
+}
+
+// runEcho runs echo ok on the session, which must still work.
+func (c *rclient) runEcho() {
+	c.t.Helper()
+	start := len(c.msgs)
+	c.call("execute", map[string]any{"command": "echo ok"})
+	if err := c.readUntilCompleted(); err != nil {
+		c.t.Fatal(err)
+	}
+	var out []string
+	for _, m := range c.msgs[start:] {
+		if m.Method == "process.output" {
+			out = append(out, m.Params.Data)
+		}
+	}
+	if last := c.msgs[len(c.msgs)-1]; len(out) != 1 || out[0] != "ok\n" || last.Params.Status != "completed" {
+		c.t.Fatalf("echo ok: output %q, then %s", out, trim(last.raw))
+	}
+}
+
+// awaitAck reads frames until it has answered a Ping that counts n messages or more: the Pong
+// acknowledges them.
+func (c *rclient) awaitAck(n int64) {
+	c.t.Helper()
+	for len(c.pings) == 0 || c.pings[len(c.pings)-1].count < n {
+		op, p, err := c.readFrame()
+		if err != nil {
+			c.t.Fatalf("waiting for a Ping: %v", err)
+		}
+		if op != opPing {
+			c.t.Fatalf("frame %#x %q while waiting for a Ping", op, p)
+		}
+		if err := c.answer(p); err != nil {
+			c.t.Fatalf("answering a Ping: %v", err)
+		}
+	}
 }
