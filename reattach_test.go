@@ -631,6 +631,62 @@ func TestReattach(t *testing.T) {
 		}
 	})
 
+	t.Run("the buffer bound holds while detached", func(t *testing.T) {
+		if testing.Short() {
+			t.Skip("8 MB of output; skipped with -short")
+		}
+		const (
+			buffer = 64 << 10
+			lines  = 8000 // of 1000 bytes: far more than the buffer, the pipe and the reader hold
+		)
+		logs := newLogWatch()
+		ts := newTestServer(t, reattachConfig(t, Config{ReattachBuffer: buffer, PingInterval: 200 * time.Millisecond, WriteWait: 500 * time.Millisecond, Logger: slog.New(logs)}, time.Minute))
+		p := newCutProxy(t, ts.addr)
+		c := rattach(t, p.addr())
+		// The client gets the first 3000 bytes: what the server holds then is nearly all of
+		// what it sent.
+		l := p.last()
+		l.cutAfter(3000, cutHole)
+		c.calls++
+		c.send(map[string]any{"jsonrpc": "2.0", "method": "execute", "params": map[string]any{"command": fmt.Sprintf("exec seq -f %%0999g 1 %d", lines)}, "id": "1"})
+		c.readUntilLost(l)
+		waitDetached(t, logs, 1)
+		n := c.received
+		pids := logs.attrs("run started", "pid")
+		if len(pids) != 1 {
+			t.Fatalf("runs started: %q", pids)
+		}
+		pid, _ := strconv.Atoi(pids[0])
+		wrote := waitBlocked(t, pid, 500*time.Millisecond) // the run waits
+		c.reattach(p.addr())
+		if err := c.readUntilCompleted(); err != nil {
+			t.Fatal(err)
+		}
+		var want strings.Builder
+		for i := 1; i <= lines; i++ {
+			fmt.Fprintf(&want, "%0999d\n", i)
+		}
+		c.assertRun(want.String(), "1")
+		// What the server held is what it replayed: the messages between the new connected
+		// and the first Ping after it, which counts every message sent before it.
+		i := slices.IndexFunc(c.pings, func(p ping) bool { return p.attachs == 2 })
+		if i < 0 || c.pings[i].count != c.pings[i].at {
+			t.Fatalf("pings %+v: want one after the replay, counting what came before it", c.pings)
+		}
+		replayed, before := frameBytes(c.msgs[n:c.pings[i].at]), frameBytes(c.msgs[:n])
+		t.Logf("the run wrote %d bytes (it has a 1 MiB pipe); %d messages of %d bytes replayed after %d of %d bytes received",
+			wrote, c.pings[i].at-n, replayed, n, before)
+		// A batch of this run is at most maxBatch bytes and a line's frame.
+		if limit := buffer + maxBatch + frameBytes(c.msgs[n:n+1]); replayed > limit {
+			t.Errorf("%d bytes replayed: more than the buffer and a batch (%d)", replayed, limit)
+		}
+		// The run waits only once the buffer is full. The server held the messages the client
+		// had not acknowledged: at most those it received, and those replayed.
+		if replayed+before < buffer {
+			t.Errorf("%d bytes replayed after %d received: the run waited before the buffer was full", replayed, before)
+		}
+	})
+
 	t.Run("refused positions", func(t *testing.T) {
 		ts := newTestServer(t, reattachConfig(t, Config{PingInterval: 50 * time.Millisecond}, time.Minute))
 		c := rattach(t, ts.addr)
@@ -656,6 +712,70 @@ func TestReattach(t *testing.T) {
 		c2.reattach(ts.addr)
 		c2.runEcho()
 	})
+
+	// The members the extension adds, where PROTOCOL.md puts them; without a window, the
+	// bytes of the protocol without the extension.
+	for _, row := range []struct {
+		name      string
+		window    time.Duration
+		connected string // after the session id; TOKEN stands for the token
+		out       []string
+		ping      []byte
+	}{
+		{"wire bytes without a window", 0, `","version":"1.0.0","capabilities":["execute","control","stream"]}}`, []string{
+			`{"jsonrpc":"2.0","method":"process.output","params":{"type":"stdout","data":"a\n","truncated":false}}`,
+			`{"jsonrpc":"2.0","method":"process.output","params":{"type":"stdout","data":"0123456789...\n","truncated":true,"dropped_bytes":6}}`,
+		}, []byte{}},
+		{"wire bytes with a window", time.Minute, `","version":"1.0.0","capabilities":["execute","control","stream"],"resume_token":"TOKEN","reattach_window":60}}`, []string{
+			`{"jsonrpc":"2.0","method":"process.output","params":{"type":"stdout","data":"a\n","truncated":false,"seq":1}}`,
+			`{"jsonrpc":"2.0","method":"process.output","params":{"type":"stdout","data":"0123456789...\n","truncated":true,"dropped_bytes":6,"seq":2}}`,
+		}, []byte{0, 0, 0, 0, 0, 0, 0, 5}}, // the response, process.started, two lines, process.completed
+	} {
+		t.Run(row.name, func(t *testing.T) {
+			cfg := Config{PingInterval: 50 * time.Millisecond, MaxLineBytes: 10}
+			if row.window > 0 {
+				cfg = reattachConfig(t, cfg, row.window)
+			}
+			ts := newTestServer(t, cfg)
+			c := dial(t, ts.addr)
+			m := c.next()
+			var p struct {
+				Params struct {
+					SessionID   string `json:"session_id"`
+					ResumeToken string `json:"resume_token"`
+				} `json:"params"`
+			}
+			json.Unmarshal([]byte(m.raw), &p)
+			want := `{"jsonrpc":"2.0","method":"connected","params":{"session_id":"` + p.Params.SessionID +
+				strings.Replace(row.connected, "TOKEN", p.Params.ResumeToken, 1)
+			if m.raw != want || row.window > 0 && len(p.Params.ResumeToken) != 32 {
+				t.Errorf("connected:\n%s\nwant\n%s", m.raw, want)
+			}
+			c.call("execute", map[string]any{"command": "echo a; echo 0123456789abcdef"})
+			_, before := c.until("process.completed")
+			var out []string
+			for _, m := range before {
+				if m.Method == "process.output" {
+					out = append(out, m.raw)
+				}
+			}
+			if !slices.Equal(out, row.out) {
+				t.Errorf("output:\n%s\nwant\n%s", strings.Join(out, "\n"), strings.Join(row.out, "\n"))
+			}
+			for {
+				op, payload, err := c.readFrame()
+				if err != nil {
+					t.Fatalf("waiting for a Ping: %v", err)
+				}
+				if op == opPing {
+					if !bytes.Equal(payload, row.ping) {
+						t.Errorf("Ping payload %q, want %q", payload, row.ping)
+					}
+					break
+				}
+			}
+		})
+	}
 
 	t.Run("without a window, a reattach is refused", func(t *testing.T) {
 		ts := newTestServer(t, Config{}) // not reattachConfig: this row is about the window 0
@@ -701,4 +821,58 @@ func (c *rclient) awaitAck(n int64) {
 			c.t.Fatalf("answering a Ping: %v", err)
 		}
 	}
+}
+
+// waitBlocked waits until process pid sleeps writing to a pipe and has written nothing more for
+// quiet, and returns how many bytes it has written (wchar in /proc/pid/io). It fails the test if
+// pid ends first: a run whose output nobody takes must wait. A writer that waits for good
+// cannot be told by an event from one that a slow reader keeps waiting a moment, hence quiet;
+// a server that lets the run wait too early or too late still fails the checks of what it
+// held, which do not depend on when this returns.
+func waitBlocked(t testing.TB, pid int, quiet time.Duration) int64 {
+	t.Helper()
+	tick := time.NewTicker(10 * time.Millisecond) // a poll interval of /proc
+	defer tick.Stop()
+	deadline := time.After(30 * time.Second)
+	last, since := int64(-1), time.Now()
+	for {
+		wchan, err1 := os.ReadFile(fmt.Sprintf("/proc/%d/wchan", pid))
+		io, err2 := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
+		if st, ok := procStat(pid); !ok || st.state == 'Z' || err1 != nil || err2 != nil {
+			t.Fatalf("process %d ended while nobody took its output: the run did not wait", pid)
+		}
+		var wrote int64 = -1
+		for l := range strings.Lines(string(io)) {
+			if v, ok := strings.CutPrefix(l, "wchar: "); ok {
+				wrote, _ = strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			}
+		}
+		switch now := time.Now(); {
+		case !strings.Contains(string(wchan), "pipe_write") || wrote != last:
+			last, since = wrote, now
+		case now.Sub(since) >= quiet:
+			return wrote
+		}
+		select {
+		case <-tick.C:
+		case <-deadline:
+			t.Fatalf("process %d did not come to wait on its pipe within 30s (wchan %s, wchar %d)", pid, wchan, wrote)
+		}
+	}
+}
+
+// frameBytes is the size of the text frames that carried msgs, as the server sent them.
+func frameBytes(msgs []rmsg) int {
+	n := 0
+	for _, m := range msgs {
+		switch l := len(m.raw); {
+		case l <= 125:
+			n += 2 + l
+		case l <= 0xffff:
+			n += 4 + l
+		default:
+			n += 10 + l
+		}
+	}
+	return n
 }
