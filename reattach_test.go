@@ -1,16 +1,21 @@
 package ccexecutor
 
 import (
+	"bufio"
 	"bytes"
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -423,7 +428,7 @@ func (c *rclient) lose(l *link, mode cutMode, logs *logWatch, detached int) {
 
 // waitDetached waits until the server has logged n detaches; it fails the test at once if a
 // session closes instead, and after 20 s.
-func waitDetached(t *testing.T, logs *logWatch, n int) {
+func waitDetached(t testing.TB, logs *logWatch, n int) {
 	t.Helper()
 	timer := time.NewTimer(20 * time.Second)
 	defer timer.Stop()
@@ -485,6 +490,7 @@ func TestReattach(t *testing.T) {
 			t.Fatalf("after the cuts: %v", err)
 		}
 		c.assertRun(string(seqOutput(200000)), "1")
+		c.assertPingCounts()
 		if h := health(t, ts); h.Active != 1 || h.Detached == nil || *h.Detached != 0 {
 			t.Errorf("/health %+v; want 1 active session, none detached", h)
 		}
@@ -786,6 +792,21 @@ func TestReattach(t *testing.T) {
 	})
 }
 
+// assertPingCounts checks that every Ping the client answered counted the messages sent before
+// it, all of which the client had read: PROTOCOL.md's acknowledgement.
+func (c *rclient) assertPingCounts() {
+	c.t.Helper()
+	if len(c.pings) == 0 {
+		c.t.Errorf("no Ping")
+	}
+	for _, p := range c.pings {
+		if p.count != p.at {
+			c.t.Errorf("a Ping counted %d messages sent before it, on connection %d after %d received", p.count, p.attachs, p.at)
+			return
+		}
+	}
+}
+
 // runEcho runs echo ok on the session, which must still work.
 func (c *rclient) runEcho() {
 	c.t.Helper()
@@ -875,4 +896,71 @@ func frameBytes(msgs []rmsg) int {
 		}
 	}
 	return n
+}
+
+// BenchmarkReattachBuffer measures the memory of a detached session whose buffer is full and
+// whose run waits on its pipe: the heap and goroutine stacks in use per session (heap-B/session,
+// stack-B/session), with b.N such sessions at once. The pipe's buffer is the kernel's and is not
+// counted.
+//
+//	go test -run '^$' -bench ReattachBuffer -benchtime 20x
+func BenchmarkReattachBuffer(b *testing.B) {
+	for _, buffer := range []int{64 << 10, ReattachBuffer} {
+		b.Run(fmt.Sprintf("buffer=%d", buffer), func(b *testing.B) {
+			logs := newLogWatch()
+			srv := NewServer(Config{ReattachWindow: time.Hour, ReattachBuffer: buffer, MaxSessions: b.N + 1,
+				Logger: slog.New(logs), Cgroup: os.Getenv(testCgroupEnv)})
+			hs := httptest.NewServer(srv)
+			b.Cleanup(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				defer cancel()
+				if err := srv.Shutdown(ctx); err != nil {
+					b.Errorf("Shutdown: %v", err)
+				}
+				hs.Close()
+			})
+			addr := hs.Listener.Addr().String()
+			var before, after runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			for i := range b.N {
+				detachRun(b, addr, "exec seq -f %0999g 1 100000")
+				waitDetached(b, logs, i+1)
+				pids := logs.attrs("run started", "pid")
+				pid, _ := strconv.Atoi(pids[i])
+				waitBlocked(b, pid, 300*time.Millisecond)
+			}
+			b.StopTimer()
+			runtime.GC()
+			runtime.ReadMemStats(&after)
+			b.ReportMetric(float64(int64(after.HeapAlloc)-int64(before.HeapAlloc))/float64(b.N), "heap-B/session")
+			b.ReportMetric(float64(int64(after.StackInuse)-int64(before.StackInuse))/float64(b.N), "stack-B/session")
+		})
+	}
+}
+
+// detachRun opens a session on addr, starts command, and once its first line arrived closes
+// the connection without a close frame: the session detaches with its run going on.
+func detachRun(b *testing.B, addr, command string) {
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(time.Minute))
+	req, _ := http.NewRequest("GET", "http://"+addr+"/ws/mcp", nil)
+	req.Header.Set("Upgrade", "websocket")
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+	req.Header.Set("Sec-WebSocket-Version", "13")
+	if err := req.Write(nc); err != nil {
+		b.Fatal(err)
+	}
+	c := &benchConn{b: b, c: nc, br: bufio.NewReaderSize(nc, 64<<10)}
+	if resp, err := http.ReadResponse(c.br, req); err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		b.Fatalf("handshake: %v %v", resp, err)
+	}
+	c.execute(command)
+	for !bytes.Contains(c.next(), []byte(`"method":"process.output"`)) {
+	}
 }
