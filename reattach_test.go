@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -803,6 +804,72 @@ func TestReattach(t *testing.T) {
 			assertResumeRefused(t, ts.addr, c.id, c.token, strconv.FormatInt(c.received, 10), "unknown session or token")
 		})
 	}
+
+	t.Run("the access rules apply to a reattach", func(t *testing.T) {
+		ts := newTestServer(t, reattachConfig(t, Config{Token: "secret"}, time.Minute))
+		auth := http.Header{"Authorization": {"Bearer secret"}}
+		nc, resp, err := dialTarget(t, ts.addr, "/ws/mcp", auth, nil)
+		if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+			t.Fatalf("dial: %v %v", resp, err)
+		}
+		c := &rclient{t: t, client: nc}
+		c.expectConnected()
+		c.runEcho()
+		for _, h := range []http.Header{nil, {"Authorization": {"Bearer wrong"}}, {"Origin": {"http://evil.example"}, "Authorization": {"Bearer secret"}}} {
+			_, resp, err := dialTarget(t, ts.addr, reattachQuery(c.id, c.token, strconv.FormatInt(c.received, 10)), h, nil)
+			if err != nil || resp.StatusCode == http.StatusSwitchingProtocols {
+				t.Errorf("reattach with headers %v: %v, %v; want it refused before the upgrade", h, resp.Status, err)
+			}
+		}
+		// The token was not spent: with the access token, it reattaches.
+		nc, resp, err = dialTarget(t, ts.addr, reattachQuery(c.id, c.token, strconv.FormatInt(c.received, 10)), auth, nil)
+		if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+			t.Fatalf("reattach: %v %v", resp, err)
+		}
+		c.client = nc
+		c.expectConnected()
+		c.runEcho()
+	})
+
+	t.Run("a reattach on /ws, at the session limit", func(t *testing.T) {
+		logs := newLogWatch()
+		ts := newTestServer(t, reattachConfig(t, Config{MaxSessions: 1, Logger: slog.New(logs)}, time.Minute))
+		p := newCutProxy(t, ts.addr)
+		c := rattach(t, p.addr())
+		c.runEcho()
+		c.lose(p.last(), cutReset, logs, 1)
+		// The detached session keeps its slot.
+		other := dial(t, ts.addr)
+		assertRefused(t, other, other.next())
+		nc, resp, err := dialTarget(t, p.addr(), "/ws?"+strings.TrimPrefix(reattachQuery(c.id, c.token, strconv.FormatInt(c.received, 10)), "/ws/mcp?"), nil, nil)
+		if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+			t.Fatalf("reattach on /ws: %v %v", resp, err)
+		}
+		c.client.c.Close()
+		c.client = nc
+		c.expectConnected()
+		c.runEcho()
+	})
+
+	t.Run("the connection taken over is not read", func(t *testing.T) {
+		ts := newTestServer(t, reattachConfig(t, Config{}, time.Minute))
+		old := rattach(t, ts.addr)
+		old.runEcho()
+		c := &rclient{t: t, id: old.id, token: old.token, tokens: old.tokens, received: old.received}
+		c.reattach(ts.addr)
+		marker := filepath.Join(t.TempDir(), "marker")
+		// Sent after the takeover; the server may have closed the connection already.
+		old.tryWriteFrame(opText, fmt.Appendf(nil, `{"jsonrpc":"2.0","method":"execute","params":{"command":"touch %s"},"id":"old"}`, marker))
+		c.runEcho()
+		if _, err := os.Stat(marker); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the execute sent on the connection taken over ran: %v", err)
+		}
+		for _, m := range c.msgs {
+			if string(m.ID) == `"old"` {
+				t.Errorf("the new connection got the answer to the old one's request: %s", trim(m.raw))
+			}
+		}
+	})
 
 	t.Run("refused positions", func(t *testing.T) {
 		ts := newTestServer(t, reattachConfig(t, Config{PingInterval: 50 * time.Millisecond}, time.Minute))
