@@ -494,6 +494,27 @@ func TestReattach(t *testing.T) {
 		c.assertPingCounts()
 	})
 
+	t.Run("long lines, cut in the middle of one", func(t *testing.T) {
+		// Each line's JSON is twice its length (a quote escapes to two bytes), longer than a
+		// frame the server encodes whole: the writer escapes it as it writes.
+		logs := newLogWatch()
+		ts := newTestServer(t, reattachConfig(t, Config{PingInterval: 200 * time.Millisecond, WriteWait: 500 * time.Millisecond, Logger: slog.New(logs)}, time.Minute))
+		p := newCutProxy(t, ts.addr)
+		c := rattach(t, p.addr())
+		l := p.last()
+		l.cutAfter(500_001, cutHole)
+		c.calls++
+		c.send(map[string]any{"jsonrpc": "2.0", "method": "execute", "params": map[string]any{
+			"command": `for i in 1 2 3 4 5; do head -c 200000 /dev/zero | tr '\0' '"'; echo; done`}, "id": "1"})
+		c.readUntilLost(l)
+		waitDetached(t, logs, 1)
+		c.reattach(p.addr())
+		if err := c.readUntilCompleted(); err != nil {
+			t.Fatal(err)
+		}
+		c.assertRun(strings.Repeat(strings.Repeat(`"`, 200000)+"\n", 5), "1")
+	})
+
 	t.Run("cut while paused, RESUME after reattaching", func(t *testing.T) {
 		logs := newLogWatch()
 		ts := newTestServer(t, reattachConfig(t, Config{Logger: slog.New(logs)}, time.Minute))
