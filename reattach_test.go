@@ -461,7 +461,7 @@ func TestReattach(t *testing.T) {
 		}
 		logs := newLogWatch()
 		// A short ping interval and write wait, so that the server notices the black hole soon.
-		ts := newTestServer(t, reattachConfig(t, Config{PingInterval: 200 * time.Millisecond, WriteWait: 500 * time.Millisecond, Logger: slog.New(logs)}, time.Minute))
+		ts := newTestServer(t, reattachConfig(t, Config{PingInterval: 300 * time.Millisecond, WriteWait: time.Second, Logger: slog.New(logs)}, time.Minute))
 		p := newCutProxy(t, ts.addr)
 		c := rattach(t, p.addr())
 		// The cuts fall in the middle of frames: after about a tenth of the run on the first
@@ -498,7 +498,7 @@ func TestReattach(t *testing.T) {
 		// Each line's JSON is twice its length (a quote escapes to two bytes), longer than a
 		// frame the server encodes whole: the writer escapes it as it writes.
 		logs := newLogWatch()
-		ts := newTestServer(t, reattachConfig(t, Config{PingInterval: 200 * time.Millisecond, WriteWait: 500 * time.Millisecond, Logger: slog.New(logs)}, time.Minute))
+		ts := newTestServer(t, reattachConfig(t, Config{PingInterval: 300 * time.Millisecond, WriteWait: time.Second, Logger: slog.New(logs)}, time.Minute))
 		p := newCutProxy(t, ts.addr)
 		c := rattach(t, p.addr())
 		l := p.last()
@@ -665,7 +665,7 @@ func TestReattach(t *testing.T) {
 			lines  = 8000 // of 1000 bytes: far more than the buffer, the pipe and the reader hold
 		)
 		logs := newLogWatch()
-		ts := newTestServer(t, reattachConfig(t, Config{ReattachBuffer: buffer, PingInterval: 200 * time.Millisecond, WriteWait: 500 * time.Millisecond, Logger: slog.New(logs)}, time.Minute))
+		ts := newTestServer(t, reattachConfig(t, Config{ReattachBuffer: buffer, PingInterval: 300 * time.Millisecond, WriteWait: time.Second, Logger: slog.New(logs)}, time.Minute))
 		p := newCutProxy(t, ts.addr)
 		c := rattach(t, p.addr())
 		// The client gets the first 3000 bytes: what the server holds then is nearly all of
@@ -714,7 +714,7 @@ func TestReattach(t *testing.T) {
 
 	t.Run("the run ends while detached", func(t *testing.T) {
 		logs := newLogWatch()
-		ts := newTestServer(t, reattachConfig(t, Config{PingInterval: 200 * time.Millisecond, WriteWait: 500 * time.Millisecond, Logger: slog.New(logs)}, time.Minute))
+		ts := newTestServer(t, reattachConfig(t, Config{PingInterval: 300 * time.Millisecond, WriteWait: time.Second, Logger: slog.New(logs)}, time.Minute))
 		p := newCutProxy(t, ts.addr)
 		c := rattach(t, p.addr())
 		gate := mkfifo(t)
