@@ -650,7 +650,7 @@ func lost(err error) bool {
 func lostReason(err error) string {
 	switch {
 	case errors.Is(err, io.EOF):
-		return "closed by the server"
+		return "it ended without a close frame"
 	case errors.Is(err, io.ErrUnexpectedEOF):
 		return "it ended inside a frame"
 	}
@@ -679,6 +679,18 @@ func (c *runner) hold(sig os.Signal) error {
 	default:
 		c.canceled = true
 		c.pending = append(c.pending, "CANCEL")
+	}
+	return nil
+}
+
+// holdLost is hold while the connection is lost: it says that a cancel waits for the reattach.
+func (c *runner) holdLost(sig os.Signal) error {
+	canceled := c.canceled
+	if err := c.hold(sig); err != nil {
+		return err
+	}
+	if c.canceled && !canceled {
+		c.notef("reconnecting: the command will be canceled once reattached; Ctrl-C again disconnects")
 	}
 	return nil
 }
@@ -747,21 +759,20 @@ func (c *runner) reattach(cause error, sigs <-chan os.Signal) error {
 			c.startReading()
 			return c.sendPending()
 		}
-		wait := time.Until(deadline)
-		if wait <= 0 {
-			return failed("gave up reattaching at the end of the server's window of %v: %v", c.window, err)
-		}
-		timer := time.NewTimer(min(wait, backoff))
+		timer := time.NewTimer(min(time.Until(deadline), backoff))
 		for waiting := true; waiting; {
 			select {
 			case <-timer.C:
 				waiting = false
 			case sig := <-sigs:
-				if err := c.hold(sig); err != nil {
+				if err := c.holdLost(sig); err != nil {
 					timer.Stop()
 					return err
 				}
 			}
+		}
+		if !time.Now().Before(deadline) {
+			return failed("gave up reattaching at the end of the server's window of %v: %v", c.window, err)
 		}
 		backoff = min(2*backoff, backoffMax)
 	}
@@ -793,7 +804,7 @@ func (c *runner) tryOpen(u *url.URL, deadline time.Time, sigs <-chan os.Signal) 
 		case r := <-done:
 			return r.ws, r.first, r.err
 		case sig := <-sigs:
-			if err := c.hold(sig); err != nil {
+			if err := c.holdLost(sig); err != nil {
 				cancel()
 				if r := <-done; r.ws != nil {
 					r.ws.nc.Close()
