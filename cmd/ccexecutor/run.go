@@ -35,6 +35,13 @@ with ssh:
 Ctrl-C cancels the command (the server sends SIGTERM to its process group, SIGKILL after its kill
 grace) and waits for it to end; a second Ctrl-C disconnects at once.
 
+A lost connection (reset, ended without a close frame, or silent: nothing from the server for
+30 s and then 15 s after a Ping) ends the command on the server, and this client with 123,
+unless the server offers a reattach (its --reattach-window). Then the client reconnects, trying
+again with a growing wait up to 1 s for at most that window, and the run goes on: the output
+is exactly what it would have been, a note on stderr tells of each reattach, and Ctrl-C pressed
+meanwhile cancels the command once reattached.
+
 What is not like running locally:
   - stdin is empty: the command reads /dev/null on the server.
   - Output is text: invalid UTF-8 becomes U+FFFD, so binary output is not preserved.
@@ -53,7 +60,8 @@ Exit status:
   121    the server refused the session (HTTP 401 or 403, session limit)
   122    the server refused the command (invalid params, command not allowed, request
          too large)
-  123    the connection was lost before the command completed
+  123    the connection was lost before the command completed (and, if the server offered a
+         reattach, it was refused or the window passed)
   130    a second Ctrl-C disconnected before the command completed
 
 Flags:
