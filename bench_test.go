@@ -83,7 +83,7 @@ func BenchmarkAppendOutput(b *testing.B) {
 			line := []byte(bc.line)
 			var frames []byte
 			for b.Loop() {
-				frames = appendOutputFrame(frames[:0], "stdout", line, 0)
+				frames = appendOutputFrame(frames[:0], "stdout", line, 0, 0)
 			}
 		})
 	}
@@ -135,7 +135,7 @@ func BenchmarkFirstOutput(b *testing.B) {
 		b.ReportMetric(float64(times[len(times)*99/100].Nanoseconds()), "p99-ns")
 	})
 	b.Run("server", func(b *testing.B) {
-		c := newBenchConn(b)
+		c := newBenchConn(b, Config{})
 		var first time.Duration
 		for b.Loop() {
 			t0 := time.Now()
@@ -157,9 +157,19 @@ func BenchmarkFirstOutput(b *testing.B) {
 // BenchmarkStream runs `seq 1 N` once per iteration through a session over loopback and checks
 // that every line arrives, in order.
 func BenchmarkStream(b *testing.B) {
-	for _, n := range []int{20_000, 200_000} {
-		b.Run(fmt.Sprintf("lines=%d", n), func(b *testing.B) {
-			c := newBenchConn(b)
+	for _, row := range []struct {
+		name string
+		n    int
+		cfg  Config
+	}{
+		{"lines=20000", 20_000, Config{}},
+		{"lines=200000", 200_000, Config{}},
+		// With a reattach window every message is held until a Pong acknowledges it.
+		{"lines=200000/reattach", 200_000, Config{ReattachWindow: time.Minute}},
+	} {
+		n := row.n
+		b.Run(row.name, func(b *testing.B) {
+			c := newBenchConn(b, row.cfg)
 			want := bytes.Split(seqOutput(n), []byte("\n"))
 			for b.Loop() {
 				c.execute(fmt.Sprintf("seq 1 %d", n))
@@ -195,8 +205,9 @@ type benchConn struct {
 	skip int // length of the payload last returned, still in br
 }
 
-func newBenchConn(b *testing.B) *benchConn {
-	srv := NewServer(Config{Logger: slog.New(slog.DiscardHandler)})
+func newBenchConn(b *testing.B, cfg Config) *benchConn {
+	cfg.Logger = slog.New(slog.DiscardHandler)
+	srv := NewServer(cfg)
 	hs := httptest.NewServer(srv)
 	nc, err := net.Dial("tcp", hs.Listener.Addr().String())
 	if err != nil {
@@ -264,8 +275,13 @@ func (c *benchConn) next() []byte {
 			c.b.Fatal(err)
 		}
 		c.skip = n
-		if op == opText {
+		switch op {
+		case opText:
 			return p
+		case opPing: // answered, as every client does: with a reattach window, the Pong acknowledges
+			if _, err := c.c.Write(append([]byte{0x80 | opPong, 0x80 | byte(n), 0, 0, 0, 0}, p...)); err != nil {
+				c.b.Fatal(err)
+			}
 		}
 		c.br.Discard(n)
 		c.skip = 0

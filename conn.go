@@ -177,10 +177,12 @@ func (c *conn) abort() {
 	c.Conn.SetWriteDeadline(time.Now())
 }
 
-// countDrop counts a client dropped by the write deadline if err, of a write, is the deadline's
-// and not that of an abort, which comes after the client is gone.
-func (c *conn) countDrop(err error, m *metrics) {
+// dropReason is the drop constant of a client whose write failed with err: dropWriteDeadline
+// if err is the deadline's and not that of an abort, which comes after the client is gone;
+// else -1.
+func dropReason(c *conn, err error) int {
 	if errors.Is(err, os.ErrDeadlineExceeded) && !c.aborted.Load() {
-		m.drop(dropWriteDeadline)
+		return dropWriteDeadline
 	}
+	return -1
 }

@@ -578,7 +578,7 @@ func TestPartialLines(t *testing.T) {
 	for _, row := range encRows {
 		t.Run("encode/"+row.name, func(t *testing.T) {
 			var m msg
-			b := appendOutput(nil, "stdout", []byte(row.line), 0)
+			b := appendOutput(nil, "stdout", []byte(row.line), 0, 0)
 			if err := json.Unmarshal(b, &m); err != nil || m.Params.Data != row.want || m.Params.Truncated {
 				t.Errorf("appendOutput(%q) = %s (%v); want data %q", row.line, b, err, row.want)
 			}

@@ -48,7 +48,7 @@ func textFrame(v any) *batch {
 	if err != nil {
 		panic("ccexecutor: encoding a message: " + err.Error()) // only our own types get here
 	}
-	return &batch{frames: appendFrame(nil, opText, p)}
+	return &batch{frames: appendFrame(nil, opText, p), n: 1}
 }
 
 func response(id json.RawMessage, result any) *batch {

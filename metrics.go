@@ -17,6 +17,9 @@ import (
 // zero value is ready to use.
 type metrics struct {
 	admitted   atomic.Int64
+	detached   atomic.Int64 // sessions without a connection now, waiting for a reattach
+	detaches   atomic.Int64
+	reattached atomic.Int64
 	refused    [len(refuseReasons)]atomic.Int64
 	started    atomic.Int64
 	ended      [len(endCauses)][len(exitClasses)]atomic.Int64
@@ -32,7 +35,7 @@ type metrics struct {
 
 // Label values of the labelled counters; the constants below index them.
 var (
-	refuseReasons = [...]string{"host", "origin", "token", "limit", "shutting_down"}
+	refuseReasons = [...]string{"host", "origin", "token", "limit", "shutting_down", "resume"}
 	endCauses     = [...]string{"exit", "canceled", "timeout", "disconnect", "shutdown"}
 	exitClasses   = [...]string{"0", "nonzero", "signal"}
 	streams       = [...]string{"stdout", "stderr"}
@@ -45,6 +48,7 @@ const (
 	refuseToken
 	refuseLimit
 	refuseShuttingDown
+	refuseResume
 )
 
 const (
@@ -62,6 +66,14 @@ const (
 
 // refuse counts a request refused for reason, one of the refuse constants.
 func (m *metrics) refuse(reason int) { m.refused[reason].Add(1) }
+
+// detach counts a session that lost its connection (d = 1) or got one again or ended (d = -1).
+func (m *metrics) detach(d int64) {
+	m.detached.Add(d)
+	if d > 0 {
+		m.detaches.Add(1)
+	}
+}
 
 // killed counts an escalation to SIGKILL; supervise calls it.
 func (m *metrics) killed() { m.kills.Add(1) }
@@ -186,7 +198,13 @@ func (m *metrics) write(w io.Writer, active int, b buildInfo) error {
 	e.sample("ccexecutor_sessions_active", nil, int64(active))
 	e.family("ccexecutor_sessions_admitted_total", "counter", "WebSocket sessions admitted.")
 	e.sample("ccexecutor_sessions_admitted_total", nil, m.admitted.Load())
-	e.family("ccexecutor_refused_total", "counter", "Requests refused, by reason: host (any path), origin, token (WebSocket and /metrics), limit and shutting_down (WebSocket).")
+	e.family("ccexecutor_sessions_detached", "gauge", "Sessions held now that lost their connection and wait for their client to reattach.")
+	e.sample("ccexecutor_sessions_detached", nil, m.detached.Load())
+	e.family("ccexecutor_session_detaches_total", "counter", "Connections lost by a session that waited for a reattach.")
+	e.sample("ccexecutor_session_detaches_total", nil, m.detaches.Load())
+	e.family("ccexecutor_reattaches_total", "counter", "Connections reattached to their session.")
+	e.sample("ccexecutor_reattaches_total", nil, m.reattached.Load())
+	e.family("ccexecutor_refused_total", "counter", "Requests refused, by reason: host (any path), origin, token (WebSocket and /metrics), limit, shutting_down and resume (WebSocket).")
 	for i, r := range refuseReasons {
 		e.sample("ccexecutor_refused_total", []string{"reason", r}, m.refused[i].Load())
 	}

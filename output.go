@@ -22,21 +22,23 @@ type batch struct {
 	frames []byte
 	line   []byte
 	tail   []byte
+	n      int           // how many text messages the batch holds; control frames are not counted
 	free   chan<- *batch // nil for a batch that is not reused
 }
 
 // addOutput adds the process.output frame of a line to b, whole when its JSON is at most
 // maxInline bytes. Otherwise it sets b.line to line and b.tail, and reports true: b must then
-// be sent at once, and line kept as it is until b is back.
-func (b *batch) addOutput(stream string, line []byte, dropped int) (long bool) {
+// be sent at once, and line kept as it is until b is back. A seq of 0 is not sent.
+func (b *batch) addOutput(stream string, line []byte, dropped int, seq uint64) (long bool) {
+	b.n++
 	if len(line) <= maxInlineLine {
-		b.frames = appendOutputFrame(b.frames, stream, line, dropped)
+		b.frames = appendOutputFrame(b.frames, stream, line, dropped, seq)
 		return false
 	}
-	b.tail = appendOutputTail(b.tail[:0], dropped)
+	b.tail = appendOutputTail(b.tail[:0], dropped, seq)
 	n := len(outputHead) + len(stream) + len(dataKey) + escapedLen(line) + len(b.tail)
 	if n <= maxInline {
-		b.frames = appendOutputFrame(b.frames, stream, line, dropped)
+		b.frames = appendOutputFrame(b.frames, stream, line, dropped, seq)
 		return false
 	}
 	b.frames = appendFrameHeader(b.frames, opText, n)
@@ -47,7 +49,7 @@ func (b *batch) addOutput(stream string, line []byte, dropped int) (long bool) {
 
 // reset empties b for reuse.
 func (b *batch) reset() {
-	b.frames, b.line = b.frames[:0], nil
+	b.frames, b.line, b.n = b.frames[:0], nil, 0
 }
 
 // maxInline is the longest process.output JSON that a pump encodes whole into its batch; a
@@ -74,9 +76,9 @@ const (
 	dataKey    = `","data":"`
 )
 
-// appendOutput appends the JSON of a process.output notification.
-func appendOutput(b []byte, stream string, line []byte, dropped int) []byte {
-	return appendOutputTail(appendEscaped(appendOutputHead(b, stream), line), dropped)
+// appendOutput appends the JSON of a process.output notification; a seq of 0 is left out.
+func appendOutput(b []byte, stream string, line []byte, dropped int, seq uint64) []byte {
+	return appendOutputTail(appendEscaped(appendOutputHead(b, stream), line), dropped, seq)
 }
 
 // appendOutputHead appends a process.output up to the opening quote of its data.
@@ -85,12 +87,15 @@ func appendOutputHead(b []byte, stream string) []byte {
 }
 
 // appendOutputTail appends the rest of a process.output after its data, from the closing quote.
-func appendOutputTail(b []byte, dropped int) []byte {
+func appendOutputTail(b []byte, dropped int, seq uint64) []byte {
 	if dropped > 0 {
 		b = append(b, `","truncated":true,"dropped_bytes":`...)
 		b = strconv.AppendInt(b, int64(dropped), 10)
 	} else {
 		b = append(b, `","truncated":false`...)
+	}
+	if seq > 0 {
+		b = strconv.AppendUint(append(b, `,"seq":`...), seq, 10)
 	}
 	return append(b, "}}"...)
 }
@@ -100,11 +105,17 @@ func appendOutputTail(b []byte, dropped int) []byte {
 // short enough for one if only its ending needs escaping, as short lines are, else after a
 // 16-bit one, and moves the JSON by two bytes when the guess was wrong: so the JSON is
 // written once, without a buffer of its own or a pass to measure it first.
-func appendOutputFrame(b []byte, stream string, line []byte, dropped int) []byte {
+func appendOutputFrame(b []byte, stream string, line []byte, dropped int, seq uint64) []byte {
 	start := len(b)
 	guess := len(outputHead) + len(stream) + len(dataKey) + len(line) + 1 + len(`","truncated":false}}`)
+	if seq > 0 {
+		guess += len(`,"seq":`) + 1
+		for n := seq; n >= 10; n /= 10 {
+			guess++
+		}
+	}
 	if guess <= 125 && dropped == 0 {
-		b = appendOutput(append(b, 0x80|opText, 0), stream, line, dropped)
+		b = appendOutput(append(b, 0x80|opText, 0), stream, line, dropped, seq)
 		if n := len(b) - start - 2; n <= 125 {
 			b[start+1] = byte(n)
 		} else {
@@ -115,7 +126,7 @@ func appendOutputFrame(b []byte, stream string, line []byte, dropped int) []byte
 		}
 		return b
 	}
-	b = appendOutput(append(b, 0x80|opText, 126, 0, 0), stream, line, dropped)
+	b = appendOutput(append(b, 0x80|opText, 126, 0, 0), stream, line, dropped, seq)
 	n := len(b) - start - 4
 	if n <= 125 {
 		b[start+1] = byte(n)

@@ -72,12 +72,12 @@ func TestOutputFrames(t *testing.T) {
 	}
 	for _, row := range rows {
 		t.Run(row.name, func(t *testing.T) {
-			want := appendFrame(nil, opText, appendOutput(nil, "stdout", []byte(row.line), row.dropped))
+			want := appendFrame(nil, opText, appendOutput(nil, "stdout", []byte(row.line), row.dropped, 0))
 			if !utf8.Valid(want[4:]) && !utf8.Valid(want[10:]) {
 				t.Fatalf("the reference frame is not UTF-8")
 			}
 			b := &batch{frames: []byte("before")}
-			if long := b.addOutput("stdout", []byte(row.line), row.dropped); long != row.long {
+			if long := b.addOutput("stdout", []byte(row.line), row.dropped, 0); long != row.long {
 				t.Errorf("addOutput reports long = %v, want %v", long, row.long)
 			}
 			got := writeOut(t, b)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -16,6 +17,7 @@ type run struct {
 	cancel  context.CancelCauseFunc
 	command string // as logged: cut when long
 	started time.Time
+	lines   atomic.Uint64 // output lines read, of both streams: the seq of the last, with a reattach window
 }
 
 // runResult is how a run ended.
@@ -71,9 +73,13 @@ func (s *session) runToEnd(ctx context.Context, r *run, timeout time.Duration) r
 	var wg sync.WaitGroup
 	var outErr, errErr error
 	stdout, stderr := &pipeReader{f: r.p.stdout}, &pipeReader{f: r.p.stderr}
-	wg.Go(r.p.wait)                                     // returns once the group is reaped, which supervise ensures
-	wg.Go(func() { outErr = s.pump("stdout", stdout) }) // returns at EOF, or at its deadline once the group is gone
-	wg.Go(func() { errErr = s.pump("stderr", stderr) }) // likewise
+	wg.Go(r.p.wait)        // returns once the group is reaped, which supervise ensures
+	var seq *atomic.Uint64 // numbers the lines for a client that may reattach
+	if s.reattaching() {
+		seq = &r.lines
+	}
+	wg.Go(func() { outErr = s.pump("stdout", stdout, seq) }) // returns at EOF, or at its deadline once the group is gone
+	wg.Go(func() { errErr = s.pump("stderr", stderr, seq) }) // likewise
 	cause := supervise(ctx, r.p, s.srv.cfg.KillGrace, s.srv.metrics.killed)
 	// The group is gone, so the pipes reach EOF once drained, unless a process that left the
 	// group still holds them: read what the group wrote, whatever the pace of the client, then
@@ -106,8 +112,8 @@ func (s *session) runToEnd(ctx context.Context, r *run, timeout time.Duration) r
 // pipe meanwhile: that is the backpressure. A batch is bounded in encoded bytes: it is sent
 // once it holds maxBatch bytes, and a line whose JSON is longer than maxInline is left for the
 // writer to escape as it writes it, while pump waits for both batches to come back before the
-// line reader reuses the line.
-func (s *session) pump(stream string, pipe io.Reader) error {
+// line reader reuses the line. Each line takes the next number of seq, when it is not nil.
+func (s *session) pump(stream string, pipe io.Reader, seq *atomic.Uint64) error {
 	free := make(chan *batch, 2)
 	free <- &batch{free: free}
 	b := &batch{free: free}
@@ -124,7 +130,11 @@ func (s *session) pump(stream string, pipe io.Reader) error {
 	defer count.flush()
 	err := readLines(pipe, s.srv.cfg.MaxLineBytes, func(line []byte, dropped int, more bool) error {
 		count.line(line, dropped, more)
-		long := b.addOutput(stream, line, dropped)
+		var n uint64
+		if seq != nil {
+			n = seq.Add(1)
+		}
+		long := b.addOutput(stream, line, dropped, n)
 		if !long && more && len(b.frames) < maxBatch {
 			return nil
 		}

@@ -137,6 +137,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -176,6 +177,7 @@ func NewServer(cfg Config) *Server {
 	orDefault(&cfg.WriteWait, WriteWait)
 	orDefault(&cfg.MaxMessageBytes, MaxMessageBytes)
 	orDefault(&cfg.PingInterval, PingInterval)
+	orDefault(&cfg.ReattachBuffer, ReattachBuffer)
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -272,7 +274,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 func (s *Server) health(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, http.StatusOK, map[string]any{
+	h := map[string]any{
 		"status":          "healthy",
 		"service":         "ccexecutor",
 		"version":         Version,
@@ -280,7 +282,11 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 		"max_sessions":    s.cfg.MaxSessions,
 		"uptime_seconds":  math.Round(time.Since(s.started).Seconds()*1000) / 1000,
 		"containment":     s.containment,
-	})
+	}
+	if s.cfg.ReattachWindow > 0 {
+		h["detached_sessions"] = s.metrics.detached.Load()
+	}
+	writeJSON(w, http.StatusOK, h)
 }
 
 // serveMetrics writes the metrics in the Prometheus text format. When a token is set, it is
@@ -386,14 +392,21 @@ func isLoopback(host string) bool {
 }
 
 // serveConn serves one upgraded connection as a session, or refuses it when none can be admitted.
+// A handshake that presents a resume token reattaches the connection to its session instead.
 func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
+	remote := ws.Request().RemoteAddr
+	if q := ws.Request().URL.Query(); q.Has("resume") {
+		s.reattach(c, remote, q)
+		return
+	}
 	ss := &session{
 		id:      newUUID(),
 		srv:     s,
-		conn:    c,
-		remote:  ws.Request().RemoteAddr,
+		remote:  remote,
 		in:      make(chan inFrame),
 		out:     make(chan *batch, queueLen),
+		attachc: make(chan attachOrder),
+		resume:  make(chan *attachment),
 		failed:  make(chan struct{}),
 		ended:   make(chan runResult, 1),
 		flushed: make(chan struct{}),
@@ -405,29 +418,89 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 		s.metrics.refuse(refuseLimit)
 		b := appendFrame(nil, opText, []byte(`{"jsonrpc":"2.0","error":{"code":-32001,"message":"Session limit exceeded","data":null}}`))
 		c.Write(appendFrame(b, opClose, closePayload(1008, "Session limit exceeded")))
-		s.refused.warn("session refused", "session limit exceeded", "remote", ws.Request().RemoteAddr, "close_code", 1008)
+		s.refused.warn("session refused", "session limit exceeded", "remote", remote, "close_code", 1008)
 		c.linger(s.cfg.WriteWait) // a request the client sent at once must not turn the close into a reset
 		return
 	default:
 		s.metrics.refuse(refuseShuttingDown)
 		c.Write(appendFrame(nil, opClose, closePayload(1001, "Server shutting down")))
-		s.refused.warn("session refused", "server shutting down", "remote", ws.Request().RemoteAddr, "close_code", 1001)
+		s.refused.warn("session refused", "server shutting down", "remote", remote, "close_code", 1001)
 		c.linger(s.cfg.WriteWait)
 		return
 	}
 	ss.ctx, ss.cancel = context.WithCancelCause(s.ctx)
 	ss.log = func(msg string, args ...any) { s.log.Info(msg, append([]any{"session", ss.id}, args...)...) }
-	ss.log("session opened", "remote", ws.Request().RemoteAddr)
-	ss.serve()
+	ss.log("session opened", "remote", remote)
+	a := newAttachment(c, remote)
+	go s.own(ss, a) // returns once the session releases a, below or when it leaves it
+	ss.serve(a)
 	ss.cancel(nil)
 	// Free the slot before closing the connection, so that a client that sees the connection
 	// close can connect again at once.
 	s.sessions.remove(ss)
-	if ss.broken {
+	last := ss.att
+	if last != nil {
+		last.release()
+		<-last.closed
+	}
+	a.release() // a no-op unless the session ended with no connection
+	<-a.closed
+	ss.log("session closed", "cause", context.Cause(ss.ctx))
+}
+
+// own runs the reader of a, one of the connections of ss, then waits until the session
+// releases it, and closes it; after a protocol error, it lingers first (conn.linger).
+func (s *Server) own(ss *session, a *attachment) {
+	ss.readLoop(a)
+	<-a.released
+	if a.broken.Load() {
+		a.conn.linger(s.cfg.WriteWait)
+	}
+	a.conn.Close()
+	close(a.closed)
+}
+
+// reattach serves a handshake that presents a resume token: it attaches the connection to its
+// session, or refuses it with -32004 and close status 1008.
+func (s *Server) reattach(c *conn, remote string, q url.Values) {
+	refuse := func(reason string) {
+		s.metrics.refuse(refuseResume)
+		msg, _ := marshal("Resume refused: " + reason)
+		b := appendFrame(nil, opText, []byte(`{"jsonrpc":"2.0","error":{"code":-32004,"message":`+string(msg)+`,"data":null}}`))
+		c.Write(appendFrame(b, opClose, closePayload(1008, "Resume refused")))
+		s.refused.warn("reattach refused", reason, "remote", remote, "close_code", 1008)
 		c.linger(s.cfg.WriteWait)
 	}
-	c.Close()
-	ss.log("session closed", "cause", context.Cause(ss.ctx))
+	if s.cfg.ReattachWindow <= 0 {
+		refuse("reattach is not enabled")
+		return
+	}
+	a := newAttachment(c, remote)
+	a.token = q.Get("resume")
+	if r := q.Get("received"); r != "" {
+		var err error
+		if a.received, err = strconv.ParseUint(r, 10, 64); err != nil {
+			refuse("invalid received")
+			return
+		}
+	}
+	ss := s.sessions.lookup(q.Get("session_id"))
+	if ss == nil {
+		refuse(errUnknownResume.Error())
+		return
+	}
+	select {
+	case ss.resume <- a: // serve answers on a.reply
+	case <-ss.ctx.Done():
+		refuse(errUnknownResume.Error())
+		return
+	}
+	if err := <-a.reply; err != nil {
+		refuse(err.Error())
+		return
+	}
+	s.metrics.reattached.Add(1)
+	s.own(ss, a)
 }
 
 func newUUID() string {

@@ -2,6 +2,7 @@ package ccexecutor
 
 import (
 	"context"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"net"
@@ -37,6 +38,19 @@ func (r *registry) add(s *session) error {
 		return errLimit
 	}
 	r.sessions[s] = struct{}{}
+	return nil
+}
+
+// lookup returns the session with the given id, or nil. It looks at each: there are at most
+// max, and a reattach is rare.
+func (r *registry) lookup(id string) *session {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for s := range r.sessions {
+		if s.id == id {
+			return s
+		}
+	}
 	return nil
 }
 
@@ -78,54 +92,100 @@ func (r *registry) len() int {
 // queueLen is how many batches may wait for a session's writer.
 const queueLen = 8
 
-// A session is one WebSocket connection. Its goroutines are the one running serve, which owns
-// all of its state and answers requests in order; readLoop, which receives frames; writeLoop,
-// the connection's only writer; and, while a command runs, runToEnd with the goroutines it
-// starts. serve returns only after all of them have returned.
+// A session is one client's: a WebSocket connection, or, with a reattach window, the
+// connections it reattaches through one after another. Its goroutines are the one running
+// serve, which owns all of its state and answers requests in order; writeLoop, its only
+// writer; and, while a command runs, runToEnd with the goroutines it starts. serve returns only
+// after all of them have returned. Each connection's reader, readLoop, belongs to the
+// connection's attachment (reattach.go).
 type session struct {
 	id     string
 	srv    *Server
-	conn   *conn
-	remote string // the client's address, for the log
+	remote string // the first client's address, for the log
 
 	ctx    context.Context         // done when the server shuts down or the session ends
 	cancel context.CancelCauseFunc // ends ctx with the reason the session ends
 
-	in      chan inFrame                  // frames received, for serve; closed when readLoop returns
+	in      chan inFrame                  // frames received, for serve
 	out     chan *batch                   // encoded frames, for writeLoop; closed by serve when it is done
-	failed  chan struct{}                 // closed by writeLoop when a write fails: the client is gone
+	attachc chan attachOrder              // attachments, from serve to writeLoop
+	resume  chan *attachment              // reattaches, from their handlers to serve
+	failed  chan struct{}                 // closed by writeLoop when no client can get what is sent
 	flushed chan struct{}                 // closed when writeLoop returns
 	ended   chan runResult                // a finished run's result, from runToEnd to serve
 	run     *run                          // the run in progress, or nil; serve alone uses it
+	att     *attachment                   // the connection, or nil while detached; serve's
+	token   string                        // the resume token, when the server has a reattach window; serve's
 	bye     *batch                        // the close frame that answers the client's, or fails the connection; serve's
-	broken  bool                          // bye fails the connection: serveConn lingers before closing it; serve's
 	wg      sync.WaitGroup                // the session's goroutines
 	log     func(msg string, args ...any) // logs with the session's id
 
 	firstOut atomic.Int64 // the start of the run, in Unix nanoseconds, until its first output line; then 0
 }
 
-// serve runs the session until the client leaves, a write fails or the server shuts down.
-func (s *session) serve() {
-	s.wg.Go(s.writeLoop) // returns once out is closed and drained, or at the first failed write
-	s.wg.Go(s.readLoop)  // returns when a read fails: the client left or the conn was closed
-	s.send(notification("connected", struct {
-		SessionID    string   `json:"session_id"`
-		Version      string   `json:"version"`
-		Capabilities []string `json:"capabilities"`
-	}{s.id, Version, []string{"execute", "control", "stream"}}))
+// reattaching reports whether the session survives a lost connection.
+func (s *session) reattaching() bool { return s.srv.cfg.ReattachWindow > 0 }
+
+// connected is the notification that starts the session on a connection.
+func (s *session) connected() *batch {
+	var window float64
+	if s.reattaching() {
+		window = s.srv.cfg.ReattachWindow.Seconds()
+	}
+	return notification("connected", struct {
+		SessionID      string   `json:"session_id"`
+		Version        string   `json:"version"`
+		Capabilities   []string `json:"capabilities"`
+		ResumeToken    string   `json:"resume_token,omitempty"`
+		ReattachWindow float64  `json:"reattach_window,omitempty"`
+	}{s.id, Version, []string{"execute", "control", "stream"}, s.token, window})
+}
+
+// serve runs the session on its first connection, a, until the client leaves, a write fails or
+// the server shuts down; with a reattach window, until the client closes, or stays away for the
+// whole window.
+func (s *session) serve(a *attachment) {
+	s.wg.Go(s.writeLoop) // returns once out is closed and drained, or once no client can get what is sent
+	if s.reattaching() {
+		s.token = newToken()
+	}
+	s.attach(a, 0)
+	var expire <-chan time.Time // while detached, the end of the window
 	for s.ctx.Err() == nil {
+		var dead <-chan struct{}
+		if s.att != nil {
+			dead = s.att.dead
+		}
 		select {
-		case f, ok := <-s.in:
+		case f := <-s.in:
 			switch {
-			case !ok:
-				s.cancel(errClientGone)
+			case f.from != s.att:
+				// From a connection the session left: a takeover replaced it.
 			case f.bye != nil:
-				s.bye, s.broken = f.bye, f.failed // the client closed, or broke the protocol: the session ends
+				s.bye = f.bye // the client closed, or broke the protocol: the session ends
+				s.att.broken.Store(f.failed)
 				s.cancel(errClientGone)
 			default:
 				s.handle(f)
 			}
+		case <-dead:
+			if !s.reattaching() {
+				s.cancel(errClientGone)
+				break
+			}
+			s.att.conn.abort() // fail the write in progress at once
+			s.att = nil
+			s.srv.metrics.detach(1)
+			expire = time.After(s.srv.cfg.ReattachWindow)
+			s.log("session detached", "window", s.srv.cfg.ReattachWindow)
+		case a := <-s.resume:
+			if s.reattach(a) && expire != nil {
+				expire = nil
+				s.srv.metrics.detach(-1)
+			}
+		case <-expire:
+			s.log("reattach window passed")
+			s.cancel(errClientGone)
 		case res := <-s.ended:
 			s.finish(res)
 		case <-s.failed:
@@ -133,9 +193,12 @@ func (s *session) serve() {
 		case <-s.ctx.Done():
 		}
 	}
+	if expire != nil {
+		s.srv.metrics.detach(-1)
+	}
 	cause := context.Cause(s.ctx)
-	if cause == errClientGone && s.bye == nil {
-		s.conn.abort() // nobody to say goodbye to: fail any write at once
+	if cause == errClientGone && s.bye == nil && s.att != nil {
+		s.att.conn.abort() // nobody to say goodbye to: fail any write at once
 	}
 	if s.run != nil {
 		s.run.cancel(cause) // the run of a session that ends, ends now
@@ -148,42 +211,89 @@ func (s *session) serve() {
 		s.send(s.bye) // the last frame; serveConn closes the connection once it is written
 	}
 	close(s.out)
-	<-s.flushed                             // every queued frame is written, or a write failed
-	s.conn.SetReadDeadline(time.Unix(1, 0)) // stops readLoop without closing: see serveConn
+	<-s.flushed // every queued frame is written, or no client can get them
 	s.wg.Wait()
 }
 
-// readLoop hands every message the client sends to serve, and answers its Pings, until a read
-// fails, the client sends a close frame or breaks the protocol. The last two are handed to
-// serve as the close frame to answer with.
-func (s *session) readLoop() {
-	defer close(s.in)
-	fr := frameReader{r: s.conn.in, max: s.srv.cfg.MaxMessageBytes}
+// attachOrder hands writeLoop a connection: it writes connected on it, then the messages after
+// the first from, then goes on there; done gets nil, or why it cannot replay from there.
+type attachOrder struct {
+	a         *attachment
+	from      uint64
+	connected *batch
+	done      chan error
+}
+
+// attach makes a the session's connection: writeLoop takes it over from the one before, if
+// any. It reports whether a is attached.
+func (s *session) attach(a *attachment, from uint64) bool {
+	o := attachOrder{a, from, s.connected(), make(chan error, 1)}
+	select {
+	case s.attachc <- o: // writeLoop takes it between two writes
+	case <-s.flushed: // the session ended with no connection
+		a.reply <- errUnknownResume
+		return false
+	}
+	if err := <-o.done; err != nil {
+		a.reply <- err
+		return false
+	}
+	s.att = a
+	a.reply <- nil
+	return true
+}
+
+// reattach attaches the connection of a reattach when its token is the session's, and gives it a
+// fresh token: each works once. It reports whether a is attached.
+func (s *session) reattach(a *attachment) bool {
+	if subtle.ConstantTimeCompare([]byte(a.token), []byte(s.token)) != 1 {
+		a.reply <- errUnknownResume
+		return false
+	}
+	token := s.token
+	s.token = newToken()
+	if !s.attach(a, a.received) {
+		s.token = token // a refused reattach spends nothing
+		return false
+	}
+	s.log("session reattached", "remote", a.remote, "received", a.received)
+	return true
+}
+
+// readLoop hands every message the client sends on a's connection to serve, and answers its
+// Pings, until a read fails, the client sends a close frame or breaks the protocol. The last
+// two are handed to serve as the close frame to answer with. A failed read marks a lost.
+func (s *session) readLoop(a *attachment) {
+	defer a.fail()
+	fr := frameReader{r: a.conn.in, max: s.srv.cfg.MaxMessageBytes}
 	for {
-		var in inFrame
+		in := inFrame{from: a}
 		f, err := fr.next()
 		var perr *protocolError
 		switch {
 		case errors.As(err, &perr):
 			s.log("protocol error", "error", perr.reason)
-			in = inFrame{bye: closeFrame(perr.code, perr.reason), failed: true}
+			in.bye, in.failed = closeFrame(perr.code, perr.reason), true
 		case err != nil:
 			return
 		case f.op == opPing:
-			if _, err := s.conn.Write(appendFrame(nil, opPong, f.data)); err != nil {
+			if _, err := a.conn.Write(appendFrame(nil, opPong, f.data)); err != nil {
 				return
 			}
 			continue
 		case f.op == opPong:
-			continue // conn.Read noted it for the keep-alive
+			a.pong(f.data) // conn.Read noted it for the keep-alive
+			continue
 		case f.op == opClose:
-			in = inFrame{bye: closeFrame(f.code, "")}
+			in.bye = closeFrame(f.code, "")
 		default:
-			in = inFrame{data: f.data, binary: f.op == opBinary, tooLarge: f.tooLarge}
+			in.data, in.binary, in.tooLarge = f.data, f.op == opBinary, f.tooLarge
 		}
 		select {
 		case s.in <- in:
 		case <-s.ctx.Done():
+			return
+		case <-a.released:
 			return
 		}
 		if in.bye != nil {
@@ -192,7 +302,7 @@ func (s *session) readLoop() {
 	}
 }
 
-// send queues b for the writer. It drops b when the writer has failed, since then the session
+// send queues b for the writer. It drops b when no client can get it, since then the session
 // is ending, and reports whether b was queued.
 func (s *session) send(b *batch) bool {
 	select {
@@ -203,70 +313,163 @@ func (s *session) send(b *batch) bool {
 	}
 }
 
-// writeLoop writes the frames queued on out, several at a time when several are queued. Every
-// PingInterval it sends a Ping, unless frames passed both ways meanwhile: so a silent connection
-// stays open through proxies, and a client that vanished is noticed even while output flows.
-// It returns once out is closed and drained, or when the client is gone: a write failed, or
-// the client sent nothing, not even a Pong, in the PingInterval after a Ping.
+// writeLoop writes the frames queued on out to the session's connection, several at a time
+// when several are queued. Every PingInterval it sends a Ping, unless frames passed both ways
+// meanwhile: so a silent connection stays open through proxies, and a client that vanished is
+// noticed even while output flows. The client is gone when a write fails or it sent nothing,
+// not even a Pong, in the PingInterval after a Ping. Without a reattach window writeLoop then
+// returns; otherwise the connection is lost and the session detached, and writeLoop holds
+// what is sent in its replay (reattach.go), up to its size, for the next connection. It
+// returns once out is closed and drained, or once the session ends with no connection.
 func (s *session) writeLoop() {
 	defer close(s.flushed)
 	tick := time.NewTicker(s.srv.cfg.PingInterval)
 	defer tick.Stop()
 	var (
+		att     *attachment // the connection written to, or nil
+		rb      *replay     // the messages not acknowledged, with a reattach window
 		queued  []*batch
 		bufs    net.Buffers
 		scratch []byte       // a piece of a long line, escaped
 		wrote   bool         // a frame was written since the last tick
 		last    = time.Now() // the last tick
 		pinged  time.Time    // when the Ping that awaits an answer was sent, or zero
+		unacked int          // bytes written since the last Ping that acknowledges them
 	)
+	if s.reattaching() {
+		rb = &replay{max: s.srv.cfg.ReattachBuffer}
+	}
+	ping := func() []byte {
+		if rb == nil {
+			return appendFrame(nil, opPing, nil)
+		}
+		unacked = 0
+		return ackPing(rb.sent)
+	}
+	// lose ends the use of att, whose client is gone, and reports whether writeLoop goes on.
+	lose := func(why int) bool {
+		if why >= 0 {
+			s.srv.metrics.drop(why)
+		}
+		if rb == nil {
+			close(s.failed)
+			return false
+		}
+		att.fail()
+		att.conn.abort()
+		att.release()
+		att = nil
+		return true
+	}
 	for {
+		var (
+			in    = s.out
+			dead  <-chan struct{}
+			acked <-chan struct{}
+			done  <-chan struct{}
+		)
+		if rb != nil && rb.full() {
+			in = nil // until a Pong frees room
+		}
+		switch {
+		case rb == nil:
+			// Without a reattach window a lost client ends the session: serve aborts the
+			// connection, and the next write fails.
+		case att != nil:
+			dead, acked = att.dead, att.ackc
+		default:
+			done = s.ctx.Done() // nobody can attach any more once the session ends
+		}
 		select {
-		case b, ok := <-s.out:
+		case b, ok := <-in:
 			if !ok {
 				return
 			}
 			queued = append(queued[:0], b)
+			if rb != nil {
+				rb.add(b)
+			}
 		drain:
-			for len(queued) < queueLen {
+			for len(queued) < queueLen && (rb == nil || !rb.full()) {
 				select {
 				case b, ok := <-s.out:
 					if !ok {
 						break drain
 					}
 					queued = append(queued, b)
+					if rb != nil {
+						rb.add(b)
+					}
 				default:
 					break drain
 				}
 			}
-			err := s.conn.writeBatches(queued, &bufs, &scratch)
+			var err error
+			if att != nil {
+				err = att.conn.writeBatches(queued, &bufs, &scratch)
+			}
 			for i, b := range queued {
+				unacked += len(b.frames) + len(b.line)
 				if b.free != nil {
 					b.free <- b // never blocks: it has room for every batch of its pump
 				}
 				queued[i] = nil
 			}
-			if err != nil {
-				s.conn.countDrop(err, &s.srv.metrics)
-				close(s.failed)
+			if att != nil && err == nil {
+				wrote = true
+				if rb != nil && unacked >= rb.max/4 {
+					_, err = att.conn.Write(ping())
+				}
+			}
+			if err != nil && !lose(dropReason(att.conn, err)) {
 				return
 			}
-			wrote = true
+		case o := <-s.attachc:
+			var replayed []*batch
+			if rb != nil {
+				var err error
+				if replayed, err = rb.since(o.from); err != nil {
+					o.done <- err
+					continue
+				}
+			}
+			if att != nil { // taken over
+				att.conn.Write(closeFrame(4001, "Session taken over by another connection").frames)
+				att.release()
+			}
+			o.done <- nil
+			att, wrote, last, pinged = o.a, true, time.Now(), time.Time{}
+			err := att.conn.writeBatches(append([]*batch{o.connected}, replayed...), &bufs, &scratch)
+			if err == nil && rb != nil && rb.bytes > 0 {
+				_, err = att.conn.Write(ping()) // the replay may have filled the buffer: free it at once
+			}
+			if err != nil && !lose(dropReason(att.conn, err)) {
+				return
+			}
+		case <-dead:
+			lose(-1)
+		case <-acked:
+			rb.ack(att.acked.Load())
+		case <-done:
+			close(s.failed)
+			return
 		case now := <-tick.C:
-			if !pinged.IsZero() && !s.conn.readSince(pinged) {
-				s.srv.metrics.drop(dropPing)
-				close(s.failed)
-				return
+			if att == nil {
+				continue
 			}
-			busy := wrote && s.conn.readSince(last)
+			if !pinged.IsZero() && !att.conn.readSince(pinged) {
+				if !lose(dropPing) {
+					return
+				}
+				continue
+			}
+			busy := wrote && att.conn.readSince(last)
 			wrote, last, pinged = false, now, time.Time{}
 			if busy {
 				continue
 			}
 			pinged = now
-			if _, err := s.conn.Write(appendFrame(nil, opPing, nil)); err != nil {
-				s.conn.countDrop(err, &s.srv.metrics)
-				close(s.failed)
+			if _, err := att.conn.Write(ping()); err != nil && !lose(dropReason(att.conn, err)) {
 				return
 			}
 		}
@@ -275,6 +478,7 @@ func (s *session) writeLoop() {
 
 // inFrame is a message received from the client, or the end of its session.
 type inFrame struct {
+	from     *attachment // the connection it came on
 	data     []byte
 	binary   bool
 	tooLarge bool

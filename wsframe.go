@@ -240,3 +240,19 @@ func appendFrameHeader(b []byte, op byte, n int) []byte {
 func closePayload(code uint16, reason string) []byte {
 	return append(binary.BigEndian.AppendUint16(nil, code), reason...)
 }
+
+// skipFrames returns b without its first k frames, which must be whole frames of
+// appendFrameHeader's form.
+func skipFrames(b []byte, k int) []byte {
+	for ; k > 0; k-- {
+		n, h := int(b[1]&0x7f), 2
+		switch n {
+		case 126:
+			n, h = int(binary.BigEndian.Uint16(b[2:])), 4
+		case 127:
+			n, h = int(binary.BigEndian.Uint64(b[2:])), 10
+		}
+		b = b[h+n:]
+	}
+	return b
+}

@@ -85,7 +85,7 @@ func serve(args []string) int {
 	fs.Var(seconds{&cfg.WriteWait}, "write-wait", "`time` in which a client must accept 128 KiB of waiting output, or count as gone (env WRITE_WAIT)")
 	fs.StringVar(&cfg.Token, "token", "", "`token` clients must present (env CC_EXECUTOR_TOKEN)")
 	fs.StringVar(&cfg.Cgroup, "cgroup", ccexecutor.CgroupAuto, "contain each run in a cgroup v2: auto, off, or the `directory` of the parent cgroup to use (env CGROUP)")
-	fs.Var(orZero{seconds{&cfg.ReattachWindow}}, "reattach-window", "`time` a session whose connection was lost waits for its client to reattach, its run going on; 0 ends it at once (env REATTACH_WINDOW)")
+	fs.Var(orZero{seconds{&cfg.ReattachWindow}}, "reattach-window", "`time` a session whose connection was lost waits for its client to reattach, its run going on; 0, the default, ends it at once (env REATTACH_WINDOW)")
 	fs.Var(positive{&cfg.ReattachBuffer}, "reattach-buffer", "`bytes` of sent output kept for a reattach until the client acknowledges them; past them the run waits (env REATTACH_BUFFER)")
 	idle := idleTimeout
 	fs.Var(seconds{&idle}, "idle-timeout", "`time` an idle HTTP keep-alive connection is kept open (env IDLE_TIMEOUT)")
@@ -329,6 +329,14 @@ func (s seconds) Set(v string) error {
 
 // orZero is a seconds flag that also takes 0, which turns off what it sets.
 type orZero struct{ seconds }
+
+// String is empty for 0, so that -h shows no default: the usage says what 0 does.
+func (s orZero) String() string {
+	if s.d == nil || *s.d == 0 {
+		return ""
+	}
+	return s.seconds.String()
+}
 
 func (s orZero) Set(v string) error {
 	if f, err := strconv.ParseFloat(v, 64); err == nil && f == 0 || v == "0s" {
