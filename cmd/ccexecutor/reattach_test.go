@@ -728,7 +728,11 @@ func TestRunReattachInterrupt(t *testing.T) {
 				}
 			}
 			close(drop)
-			<-reconnecting
+			select {
+			case <-reconnecting:
+			case <-time.After(runWait):
+				t.Fatalf("the client did not reconnect within %v", runWait)
+			}
 			cmd.Process.Signal(os.Interrupt)
 			waitLine("ccexecutor run: reconnecting: the command will be canceled once reattached; Ctrl-C again disconnects\n")
 			want := 128 + 15
