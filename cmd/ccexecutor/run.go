@@ -545,9 +545,9 @@ func (in *inbox) chunk() []byte {
 }
 
 // read puts the frames it receives from ws into c.in until a read fails, the failure included,
-// or until c.quit is closed. The frames that have already arrived are read into one chunk of memory and
-// put together, so that fast output costs a few hand-overs, not one per line. A frame too
-// large to receive is put as an empty frame, and skipped.
+// or until c.quit is closed. The frames that have already arrived are read into one chunk of
+// memory and put together, so that fast output costs a few hand-overs, not one per line. A
+// frame too large to receive is put as an empty frame, and skipped.
 func (c *runner) read(ws *wsConn) {
 	in := c.in
 	var frames [][]byte
