@@ -26,7 +26,7 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	h.conn = &conn{Conn: nc, wait: h.wait}
+	h.conn = newConn(nc, h.wait)
 	if lc, ok := nc.(*limitedConn); ok {
 		h.conn.raw = lc.Conn // net.Buffers.WriteTo uses writev only on the net package's own types
 	}
@@ -42,13 +42,20 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 // when the client last sent anything, so that a Ping left unanswered can be noticed.
 type conn struct {
 	net.Conn
-	wait time.Duration
+	wait atomic.Int64  // the write deadline, a time.Duration: WriteWait, or less once hurried
 	in   *bufio.Reader // reads from conn, read-ahead first: the handshake's reader, then readLoop's
 
 	raw      net.Conn     // for writev: the connection under Conn when Conn is a limitedConn; nil means Conn
 	mu       sync.Mutex   // serializes writes; held across a write, so that frames stay whole
 	aborted  atomic.Bool  // set by abort: every write fails from then on
 	lastRead atomic.Int64 // when a read last returned data, in Unix nanoseconds
+}
+
+// newConn returns nc as a conn whose writes have the deadline wait.
+func newConn(nc net.Conn, wait time.Duration) *conn {
+	c := &conn{Conn: nc}
+	c.wait.Store(int64(wait))
+	return c
 }
 
 func (c *conn) Read(b []byte) (int, error) {
@@ -153,11 +160,23 @@ const minProgress = 128 << 10
 // The check comes after the deadline is set, so that an abort either is seen here or moves
 // the deadline of the write that follows into the past.
 func (c *conn) deadline() error {
-	c.Conn.SetWriteDeadline(time.Now().Add(c.wait))
+	w := c.wait.Load()
+	c.Conn.SetWriteDeadline(time.Now().Add(time.Duration(w)))
+	if w2 := c.wait.Load(); w2 != w { // hurried meanwhile: set its deadline, which this one may have replaced
+		c.Conn.SetWriteDeadline(time.Now().Add(time.Duration(w2)))
+	}
 	if c.aborted.Load() {
 		return net.ErrClosed
 	}
 	return nil
+}
+
+// hurry shortens the write deadline to d, the write in progress included, unless it is shorter.
+func (c *conn) hurry(d time.Duration) {
+	if time.Duration(c.wait.Load()) > d {
+		c.wait.Store(int64(d))
+		c.Conn.SetWriteDeadline(time.Now().Add(d))
+	}
 }
 
 // linger half-closes the connection, then reads and drops what the client still sends until

@@ -93,7 +93,8 @@ func writeOut(t *testing.T, b *batch) []byte {
 	t.Helper()
 	client, server := net.Pipe()
 	defer client.Close()
-	c := &conn{Conn: server, raw: server, wait: 10 * time.Second}
+	c := newConn(server, 10*time.Second)
+	c.raw = server
 	errc := make(chan error, 1)
 	go func() { // returns once the batch is written, or the pipe is closed
 		var bufs net.Buffers
@@ -176,7 +177,8 @@ func TestWriteProgress(t *testing.T) {
 				t.Parallel()
 				client, server := net.Pipe()
 				defer client.Close()
-				c := &conn{Conn: server, raw: server, wait: wait}
+				c := newConn(server, wait)
+				c.raw = server
 				done := make(chan struct{})
 				read := make(chan int, 1)
 				go func() { // returns once the pipe is closed

@@ -21,6 +21,7 @@ type attachment struct {
 
 	dead     chan struct{} // closed by fail: the connection is lost
 	failOnce sync.Once
+	read     chan struct{} // closed when its readLoop returns
 	released chan struct{} // closed by release: the session no longer uses conn
 	relOnce  sync.Once
 	closed   chan struct{} // closed by the owner once conn is closed
@@ -40,6 +41,7 @@ func newAttachment(c *conn, remote string) *attachment {
 		conn:     c,
 		remote:   remote,
 		dead:     make(chan struct{}),
+		read:     make(chan struct{}),
 		released: make(chan struct{}),
 		closed:   make(chan struct{}),
 		ackc:     make(chan struct{}, 1),

@@ -34,7 +34,9 @@
 // disconnect, shutdown or its own exit, goes through supervise (executor.go), which ends the whole
 // group with SIGTERM, SIGCONT and SIGKILL after the kill grace, and through process.wait, which
 // reaps the leader and returns once no member of the group is left (groupLeft, reap.go); the
-// session joins every goroutine before it frees its slot. TestCancellationCleanup
+// session joins every goroutine before it frees its slot. (With a reattach window a lost
+// connection ends the run only once the window has passed, through the same path.)
+// TestCancellationCleanup
 // (executor_test.go) proves it, and runs itself again in a test binary that is no subreaper.
 // With SetSubreaper, reapLoop (reap.go) also reaps, by PID, what a run leaves behind, in its group
 // or out of it, and never a leader that exec.Cmd.Wait waits for: TestOrphansReaped (reap_test.go).
@@ -58,7 +60,8 @@
 // frames, read and written); output.go (batches, and process.output encoded a piece at a time);
 // jsonrpc.go (the JSON-RPC messages, their error codes, the parsing of a request, and Version);
 // metrics.go, refusals.go and listener.go (the counters of /metrics, the refusal log,
-// LimitListener); conn.go (the hijacked connection and its write path); stream.go (lines and the
+// LimitListener); conn.go (the hijacked connection and its write path); reattach.go (a session's
+// connections as attachments, and the replay a reattach is served from); stream.go (lines and the
 // stream timeout); drain.go, reap.go and cgroup.go (reading a group's pipes, reaping,
 // containment); executor.go (processes and how a run ends); command.go (the command an execute
 // request becomes, with the allowlist); control.go (PAUSE, RESUME and CANCEL); run.go (a run, from
@@ -94,16 +97,18 @@
 // the writer escapeChunk bytes of the line at a time, from the pump's own line buffer, while that
 // pump waits. So a session holds at most, per stream, the line being read (MaxLineBytes) and its
 // read buffer and two batches of under maxBatch+maxInline bytes, and once the writer's piece of a
-// long line: about 1.7 MiB at the default limits. (The rate limit of the refusal log, refusals.go,
+// long line: about 1.7 MiB at the default limits, plus, with a reattach window, the replay:
+// ReattachBuffer bytes of what was sent, as encoded but for long lines, held as read, and one batch. (The rate limit of the refusal log, refusals.go,
 // has a mutex of its own, held for its counters only; the line is logged after it is released. The
 // metrics of /metrics, metrics.go, are atomics, which any goroutine adds to without a lock.)
 //
-// Each session owns these goroutines, joined by its WaitGroup before its slot is freed: serve
-// (session.go), the handler's goroutine, which answers requests in order and owns the session's
-// state; readLoop, which exits when a read fails (the client left, or serve set a read deadline in
-// the past), after the client's close frame, or at a protocol error (frameReader, wsframe.go);
-// writeLoop (session.go), the only writer of data frames, which exits when serve closes its queue,
-// a write fails or a Ping goes unanswered; and, while a command runs, runToEnd (run.go), which
+// Each session owns these goroutines, joined before its slot is freed: serve (session.go), the
+// handler's goroutine, which answers requests in order and owns the session's state; readLoop,
+// which exits when a read fails (the client left, or serve set a read deadline in the past),
+// after the client's close frame, or at a protocol error (frameReader, wsframe.go); writeLoop
+// (session.go), the only writer of data frames, which exits when serve closes its queue, a write
+// fails or a Ping goes unanswered (with a reattach window: when serve closes its queue, or when
+// the session ends with no connection); and, while a command runs, runToEnd (run.go), which
 // exits once the process group is reaped, with its three: process.wait, which with containment
 // also waits (on inotify, no timer) until the run's cgroup is empty, then removes it; and one pump
 // per output stream, which exit at end of file or at their pipe's deadline once the group is gone
@@ -116,8 +121,17 @@
 // client's close, or fails the connection, is sent by writeLoop like any other frame, as the
 // session's last.
 //
-// A session frees its slot only after all of them have returned, and closes the connection after
-// that, so a client that sees the connection close may connect again at once. After a protocol
+// With a reattach window (Config.ReattachWindow) a session outlives a lost connection, and each
+// of its connections is an attachment (reattach.go) whose owner is the goroutine of the HTTP
+// handler that upgraded it: the owner runs its readLoop, waits until the session releases it, and
+// closes it. serve learns of a lost connection from its attachment's dead channel, detaches, and
+// takes a reattach from another handler on its resume channel; it hands each connection to
+// writeLoop, which alone writes to it, on attachc. writeLoop also owns the replay, the messages
+// sent and not acknowledged, and takes no batch while the replay is full; a Pong reaches it
+// through the attachment's acked counter, an atomic that readLoop raises, and a token on ackc. So
+// the replay needs no lock, and a detached session's run waits on its pipe as a slow client's
+// does. A session frees its slot only after all of them have returned, and closes the connection
+// after that, so a client that sees the connection close may connect again at once. After a protocol
 // error it first lingers (conn.linger): it half-closes and reads until the client closes its end,
 // for at most WriteWait, so that its close frame is not lost to a reset. One more goroutine
 // belongs to the process, not to a session: reapLoop, which SetSubreaper starts and which lives as

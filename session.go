@@ -212,6 +212,10 @@ func (s *session) serve(a *attachment) {
 	}
 	close(s.out)
 	<-s.flushed // every queued frame is written, or no client can get them
+	if s.att != nil {
+		s.att.conn.SetReadDeadline(time.Unix(1, 0)) // stops its readLoop without closing: see serveConn
+		<-s.att.read
+	}
 	s.wg.Wait()
 }
 
@@ -243,12 +247,21 @@ func (s *session) attach(a *attachment, from uint64) bool {
 	return true
 }
 
+// takeoverWait is the write deadline of a connection that a reattach takes over: time for the
+// write in progress and the close frame that says why.
+const takeoverWait = time.Second
+
 // reattach attaches the connection of a reattach when its token is the session's, and gives it a
 // fresh token: each works once. It reports whether a is attached.
 func (s *session) reattach(a *attachment) bool {
 	if subtle.ConstantTimeCompare([]byte(a.token), []byte(s.token)) != 1 {
 		a.reply <- errUnknownResume
 		return false
+	}
+	if s.att != nil {
+		// A takeover: the writer may be stuck on the old connection, which may be the one a
+		// network blip cut without a word. Give it a moment, not a whole write wait.
+		s.att.conn.hurry(takeoverWait)
 	}
 	token := s.token
 	s.token = newToken()
@@ -264,6 +277,7 @@ func (s *session) reattach(a *attachment) bool {
 // Pings, until a read fails, the client sends a close frame or breaks the protocol. The last
 // two are handed to serve as the close frame to answer with. A failed read marks a lost.
 func (s *session) readLoop(a *attachment) {
+	defer close(a.read)
 	defer a.fail()
 	fr := frameReader{r: a.conn.in, max: s.srv.cfg.MaxMessageBytes}
 	for {

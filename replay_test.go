@@ -1,0 +1,137 @@
+package ccexecutor
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+)
+
+// TestReplay checks the replay a reattach is served from: messages are counted across batches,
+// since cuts a batch at a message boundary, long lines included, ack forgets only whole batches,
+// and a position outside what is held is refused.
+func TestReplay(t *testing.T) {
+	// Three batches: messages 1-3 (output lines a, b, c), 4 (a response), 5-6 (line d, then a
+	// long line whose JSON the writer escapes as it writes).
+	long := strings.Repeat("é\x01", maxInline/2)
+	batches := func() []*batch {
+		b1 := &batch{}
+		for i, l := range []string{"a\n", "b\n", "c\n"} {
+			b1.addOutput("stdout", []byte(l), 0, uint64(i+1))
+		}
+		b2 := response([]byte("7"), map[string]string{"status": "paused"})
+		b3 := &batch{}
+		b3.addOutput("stderr", []byte("d\n"), 0, 4)
+		if !b3.addOutput("stdout", []byte(long), 0, 5) {
+			t.Fatal("the long line was encoded whole")
+		}
+		return []*batch{b1, b2, b3}
+	}
+	// The messages as a client reads them, in order.
+	var all [][]byte
+	for _, b := range batches() {
+		all = append(all, splitFrames(t, written(b))...)
+	}
+	if len(all) != 6 {
+		t.Fatalf("%d messages in the batches, want 6", len(all))
+	}
+
+	for _, row := range []struct {
+		name  string
+		acked uint64 // acknowledged before the reattach
+		from  uint64 // received, as the client says
+		err   string // the refusal, or "" for a replay of messages from+1..6
+	}{
+		{"everything", 0, 0, ""},
+		{"inside the first batch", 0, 2, ""},
+		{"at a batch's end", 0, 3, ""},
+		{"before the long line", 0, 5, ""},
+		{"all received", 0, 6, ""},
+		{"ack inside a batch keeps it", 2, 1, ""},
+		{"ack of whole batches", 4, 4, ""},
+		{"ack of whole batches, then less", 4, 3, "messages up to 4 were acknowledged and are no longer held"},
+		{"received beyond sent", 0, 7, "received 7 but only 6 messages were sent"},
+	} {
+		t.Run(row.name, func(t *testing.T) {
+			r := &replay{max: 1 << 20}
+			for _, b := range batches() {
+				r.add(b)
+			}
+			r.add(closeFrame(1000, "")) // no message: not counted, not held
+			if r.sent != 6 {
+				t.Fatalf("sent = %d, want 6", r.sent)
+			}
+			r.ack(row.acked)
+			got, err := r.since(row.from)
+			switch {
+			case row.err != "":
+				if err == nil || err.Error() != row.err {
+					t.Fatalf("since(%d) = %v, want %q", row.from, err, row.err)
+				}
+				return
+			case err != nil:
+				t.Fatalf("since(%d): %v", row.from, err)
+			}
+			var frames [][]byte
+			for _, b := range got {
+				frames = append(frames, splitFrames(t, written(b))...)
+			}
+			want := all[row.from:]
+			if len(frames) != len(want) {
+				t.Fatalf("replayed %d messages, want %d", len(frames), len(want))
+			}
+			for i := range want {
+				if !bytes.Equal(frames[i], want[i]) {
+					t.Errorf("message %d: %.80q, want %.80q", int(row.from)+i+1, frames[i], want[i])
+				}
+			}
+		})
+	}
+}
+
+// TestReplayBound checks that the replay holds at most its size and a batch, and that its
+// buffers kept for reuse count against that size.
+func TestReplayBound(t *testing.T) {
+	r := &replay{max: 100 << 10}
+	line := bytes.Repeat([]byte("x"), 1000)
+	for i := 0; !r.full(); i++ {
+		b := &batch{}
+		for range 30 {
+			b.addOutput("stdout", line, 0, uint64(i+1))
+		}
+		r.add(b)
+		if r.bytes > r.max+maxBatch+maxInline {
+			t.Fatalf("%d bytes held, over %d and a batch", r.bytes, r.max)
+		}
+	}
+	r.ack(r.sent)
+	if r.bytes != 0 || len(r.held) != 0 {
+		t.Fatalf("after acknowledging all: %d bytes in %d batches held", r.bytes, len(r.held))
+	}
+	if r.spared > r.max {
+		t.Fatalf("%d bytes kept for reuse, over %d", r.spared, r.max)
+	}
+}
+
+// written is what the writer sends for b.
+func written(b *batch) []byte {
+	out := append(bytes.Clone(b.frames), appendEscaped(nil, b.line)...)
+	if b.line != nil {
+		out = append(out, b.tail...)
+	}
+	return out
+}
+
+// splitFrames splits whole unmasked frames.
+func splitFrames(t *testing.T, b []byte) [][]byte {
+	t.Helper()
+	var out [][]byte
+	for len(b) > 0 {
+		rest := skipFrames(b, 1)
+		if len(rest) > len(b) {
+			t.Fatal("skipFrames grew")
+		}
+		out = append(out, b[:len(b)-len(rest)])
+		b = rest
+	}
+	return out
+}
