@@ -18,6 +18,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -84,6 +85,19 @@ func (p *cutProxy) accept() {
 			return
 		}
 		p.wg.Go(func() { p.serve(c) }) // returns when either side ends, or at close for a black hole
+	}
+}
+
+// reset resets every connection forwarded now, both sides, and counts it as a cut.
+func (p *cutProxy) reset() {
+	p.mu.Lock()
+	conns := p.conns
+	p.conns = nil
+	p.made++
+	p.mu.Unlock()
+	for _, c := range conns {
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
 	}
 }
 
@@ -231,11 +245,14 @@ func TestRunReattach(t *testing.T) {
 		stdout  string
 		code    int
 		short   bool // runs in -short mode
+		slow    bool // the server notices a lost connection only after the defaults' 10 s or more
 	}{
 		{"seq through a reset and a black hole", fmt.Sprintf("seq 1 %d", lines),
-			[]cut{{after: 1 << 20}, {after: 1<<20 + 7, hole: true}}, seqOutput(lines), 0, false},
-		{"exit status after a reset", "seq 1 20000; exit 3", []cut{{after: 100003}}, seqOutput(20000), 3, true},
-		{"exit status after a black hole", "seq 1 20000; exit 3", []cut{{after: 100003, hole: true}}, seqOutput(20000), 3, true},
+			[]cut{{after: 1 << 20}, {after: 1<<20 + 7, hole: true}}, seqOutput(lines), 0, false, false},
+		{"exit status after a reset", "seq 1 20000; exit 3", []cut{{after: 100003}}, seqOutput(20000), 3, true, false},
+		{"exit status after a black hole", "seq 1 20000; exit 3", []cut{{after: 100003, hole: true}}, seqOutput(20000), 3, true, false},
+		// The client reattaches before the server notices: the reattach takes the session over.
+		{"black hole the server has not noticed", "seq 1 20000; exit 3", []cut{{after: 100003, hole: true}}, seqOutput(20000), 3, true, true},
 	} {
 		for _, window := range []time.Duration{5 * time.Second, 0} {
 			t.Run(fmt.Sprintf("%s/window %v", tt.name, window), func(t *testing.T) {
@@ -244,7 +261,11 @@ func TestRunReattach(t *testing.T) {
 				}
 				// The server notices a black hole within the ping interval, and so does the
 				// client within its keep-alive times.
-				url := serveForRun(t, ccexecutor.Config{ReattachWindow: window, PingInterval: 300 * time.Millisecond, WriteWait: time.Second})
+				cfg := ccexecutor.Config{ReattachWindow: window, PingInterval: 300 * time.Millisecond, WriteWait: time.Second}
+				if tt.slow {
+					cfg.PingInterval, cfg.WriteWait = 0, 0 // the defaults
+				}
+				url := serveForRun(t, cfg)
 				u, err := parseURL(url)
 				if err != nil {
 					t.Fatal(err)
@@ -760,6 +781,43 @@ func TestRunReattachInterrupt(t *testing.T) {
 			cmd.Wait()
 			if code := cmd.ProcessState.ExitCode(); code != want {
 				t.Errorf("exit status %d, want %d", code, want)
+			}
+		})
+	}
+}
+
+// TestRunReattachPaused checks a cut while the command is paused: the client reattaches, and
+// SIGCONT then resumes the command through the new connection, which goes on printing. With
+// the server's window at 0, the cut ends the client with 123.
+func TestRunReattachPaused(t *testing.T) {
+	for _, window := range []time.Duration{5 * time.Second, 0} {
+		t.Run(fmt.Sprintf("window %v", window), func(t *testing.T) {
+			u, err := parseURL(serveForRun(t, ccexecutor.Config{ReattachWindow: window}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			p := newCutProxy(t, u.Host)
+			r := startRun(t, "--url", p.url(), "--json", "--pause-on-tstp", "--", "echo ready; while :; do echo tick; sleep 0.05; done")
+			r.waitLine(t, `"data":"ready\n"`)
+			r.signal(t, syscall.SIGTSTP)
+			r.waitLine(t, `"method":"process.paused"`)
+			p.reset()
+			if window == 0 {
+				if code := r.finish(t); code != exitLost {
+					t.Errorf("exit status %d, want %d; stderr %q", code, exitLost, r.stderr.String())
+				}
+				return
+			}
+			r.waitLine(t, `"method":"connected"`) // the second
+			r.signal(t, syscall.SIGCONT)
+			r.waitLine(t, `"method":"process.resumed"`)
+			r.waitLine(t, `"data":"tick\n"`)
+			r.signal(t, os.Interrupt)
+			if code := r.finish(t); code != 128+15 {
+				t.Errorf("exit status %d, want %d; stderr %q", code, 128+15, r.stderr.String())
+			}
+			if !strings.Contains(r.stderr.String(), "; reattached\n") {
+				t.Errorf("stderr = %q, want a note of the reattach", r.stderr.String())
 			}
 		})
 	}
