@@ -259,11 +259,14 @@ func TestRunReattach(t *testing.T) {
 				if testing.Short() && !tt.short {
 					t.Skip("streams 200000 lines")
 				}
-				// The server notices a black hole within the ping interval, and so does the
-				// client within its keep-alive times.
-				cfg := ccexecutor.Config{ReattachWindow: window, PingInterval: 300 * time.Millisecond, WriteWait: time.Second}
-				if tt.slow {
-					cfg.PingInterval, cfg.WriteWait = 0, 0 // the defaults
+				// With a window, the server notices a black hole within two ping intervals,
+				// before the client does within its keep-alive times (twice 500 ms), but in
+				// the slow case; a server slow to answer only makes a reattach more. With
+				// the window at 0, the client notices first, and the server's defaults cannot
+				// end a session before the cut.
+				cfg := ccexecutor.Config{ReattachWindow: window}
+				if window > 0 && !tt.slow {
+					cfg.PingInterval, cfg.WriteWait = 200*time.Millisecond, time.Second
 				}
 				url := serveForRun(t, cfg)
 				u, err := parseURL(url)
@@ -271,7 +274,7 @@ func TestRunReattach(t *testing.T) {
 					t.Fatal(err)
 				}
 				p := newCutProxy(t, u.Host, tt.cuts...)
-				res := runInProcess(t, 300*time.Millisecond, "--url", p.url(), "--", tt.command)
+				res := runInProcess(t, 500*time.Millisecond, "--url", p.url(), "--", tt.command)
 				if window == 0 {
 					// The first cut ends the run.
 					if made := p.cutsMade(); made != 1 {
@@ -548,15 +551,15 @@ func TestRunReattachHandshake(t *testing.T) {
 			scripts: []func(*fakeConn){
 				func(c *fakeConn) {
 					c.upgrade()
-					c.send(fakeConnected("t1", 0.4))
+					c.send(fakeConnected("t1", 1))
 					c.recv()
 					c.send(fakeStarted)
 				},
 				func(c *fakeConn) {}, // no answer to the handshake: the connection ends
 			},
-			queries: []string{"-", "s1 t1 1", "s1 t1 1", "s1 t1 1"}, // at least; tried after 0, 50, 150, 350 ms
+			queries: []string{"-", "s1 t1 1", "s1 t1 1", "s1 t1 1"}, // at least: tried at 0, 50, 150, 350 and 750 ms
 			code:    exitLost,
-			stderr:  []string{"(it ended without a close frame); gave up reattaching at the end of the server's window of 400ms: no HTTP answer to the WebSocket handshake: unexpected EOF"},
+			stderr:  []string{"(it ended without a close frame); gave up reattaching at the end of the server's window of 1s: no HTTP answer to the WebSocket handshake: unexpected EOF"},
 		},
 		{
 			name: "no offer",
