@@ -825,3 +825,17 @@ func TestRunReattachPaused(t *testing.T) {
 		})
 	}
 }
+
+// TestRunReattachExpired checks a reattach that comes after the server's window: the server
+// notices a black hole within two ping intervals and ends the session a window later, long
+// before the client notices it (twice its 1 s keep-alive time); the server then refuses the
+// reattach, and the client ends with 123 and the server's reason.
+func TestRunReattachExpired(t *testing.T) {
+	u, err := parseURL(serveForRun(t, ccexecutor.Config{ReattachWindow: 300 * time.Millisecond, PingInterval: 200 * time.Millisecond, WriteWait: time.Second}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := newCutProxy(t, u.Host, cut{after: 100003, hole: true})
+	res := runInProcess(t, time.Second, "--url", p.url(), "--", "seq 1 20000")
+	checkRunFailure(t, res, exitLost, "the server refused to reattach: Resume refused: unknown session or token (code -32004)")
+}
