@@ -839,3 +839,35 @@ func TestRunReattachExpired(t *testing.T) {
 	res := runInProcess(t, time.Second, "--url", p.url(), "--", "seq 1 20000")
 	checkRunFailure(t, res, exitLost, "the server refused to reattach: Resume refused: unknown session or token (code -32004)")
 }
+
+// failConn is a connection whose writes fail, and which records that it was closed.
+type failConn struct {
+	net.Conn // nil: only the methods below are used
+	closed   bool
+}
+
+func (c *failConn) Write([]byte) (int, error)        { return 0, errors.New("write: broken pipe") }
+func (c *failConn) SetWriteDeadline(time.Time) error { return nil }
+func (c *failConn) Close() error                     { c.closed = true; return nil }
+
+// TestRunSendPending checks a control request whose write fails: while the server offers a
+// reattach, the connection is closed, so that its reader reports it lost, and the request is
+// kept for the next connection, with those after it; otherwise the run is over with 123.
+func TestRunSendPending(t *testing.T) {
+	for _, token := range []string{"t1", ""} {
+		t.Run(fmt.Sprintf("token %q", token), func(t *testing.T) {
+			nc := new(failConn)
+			c := &runner{ws: &wsConn{nc: nc}, token: token}
+			c.hold(syscall.SIGTSTP)
+			c.hold(os.Interrupt)
+			err := c.sendPending()
+			var x *exitError
+			switch {
+			case token == "" && (!errors.As(err, &x) || x.code != exitLost):
+				t.Errorf("sendPending = %v, want an exit with %d", err, exitLost)
+			case token != "" && (err != nil || !nc.closed || strings.Join(c.pending, " ") != "PAUSE CANCEL"):
+				t.Errorf("sendPending = %v, connection closed %v, pending %q; want nil, true and [PAUSE CANCEL]", err, nc.closed, c.pending)
+			}
+		})
+	}
+}
