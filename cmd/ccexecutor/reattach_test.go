@@ -33,13 +33,6 @@ type cut struct {
 	hole  bool  // a black hole: nothing more is forwarded either way, and both sockets stay open; otherwise both are reset
 }
 
-func (k cut) String() string {
-	if k.hole {
-		return fmt.Sprintf("black hole after %d bytes", k.after)
-	}
-	return fmt.Sprintf("reset after %d bytes", k.after)
-}
-
 // A cutProxy forwards TCP connections to a server, and cuts those its plan names: the first
 // connection gets the first cut, and so on; the connections after the plan are forwarded whole.
 type cutProxy struct {
@@ -268,8 +261,7 @@ func TestRunReattach(t *testing.T) {
 				if window > 0 && !tt.slow {
 					cfg.PingInterval, cfg.WriteWait = 200*time.Millisecond, time.Second
 				}
-				url := serveForRun(t, cfg)
-				u, err := parseURL(url)
+				u, err := url.Parse(serveForRun(t, cfg))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -299,9 +291,6 @@ func TestRunReattach(t *testing.T) {
 		}
 	}
 }
-
-// parseURL parses a URL the test made.
-func parseURL(s string) (*url.URL, error) { return url.Parse(s) }
 
 // A fakeConn is a connection to a fakeServer, after the client's handshake request was read.
 type fakeConn struct {
@@ -795,7 +784,7 @@ func TestRunReattachInterrupt(t *testing.T) {
 func TestRunReattachPaused(t *testing.T) {
 	for _, window := range []time.Duration{5 * time.Second, 0} {
 		t.Run(fmt.Sprintf("window %v", window), func(t *testing.T) {
-			u, err := parseURL(serveForRun(t, ccexecutor.Config{ReattachWindow: window}))
+			u, err := url.Parse(serveForRun(t, ccexecutor.Config{ReattachWindow: window}))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -831,7 +820,7 @@ func TestRunReattachPaused(t *testing.T) {
 // before the client notices it (twice its 1 s keep-alive time); the server then refuses the
 // reattach, and the client ends with 123 and the server's reason.
 func TestRunReattachExpired(t *testing.T) {
-	u, err := parseURL(serveForRun(t, ccexecutor.Config{ReattachWindow: 300 * time.Millisecond, PingInterval: 200 * time.Millisecond, WriteWait: time.Second}))
+	u, err := url.Parse(serveForRun(t, ccexecutor.Config{ReattachWindow: 300 * time.Millisecond, PingInterval: 200 * time.Millisecond, WriteWait: time.Second}))
 	if err != nil {
 		t.Fatal(err)
 	}
