@@ -103,7 +103,8 @@ var errSilent = errors.New("the server sent nothing")
 // keepAlive makes reading notice a server that has gone silent, as when the network between
 // drops every packet without a reset: once nothing at all has arrived for idle, a Ping is
 // sent, and a read that gets nothing within pongWait after it fails with errSilent. It must
-// be called before reading begins, and after the deadline of the handshake is cleared.
+// be called after the handshake's deadline is cleared, by the goroutine that reads or before
+// that goroutine starts.
 func (c *wsConn) keepAlive(idle, pongWait time.Duration) {
 	c.idle, c.pongWait = idle, pongWait
 }
