@@ -425,6 +425,10 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 		ended:   make(chan runResult, 1),
 		flushed: make(chan struct{}),
 	}
+	// Before add, which makes ss reachable by a reattach that reads ctx.
+	ss.ctx, ss.cancel = context.WithCancelCause(s.ctx)
+	defer ss.cancel(nil)
+	ss.log = func(msg string, args ...any) { s.log.Info(msg, append([]any{"session", ss.id}, args...)...) }
 	switch err := s.sessions.add(ss); err {
 	case nil:
 		s.metrics.admitted.Add(1)
@@ -442,8 +446,6 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 		c.linger(s.cfg.WriteWait)
 		return
 	}
-	ss.ctx, ss.cancel = context.WithCancelCause(s.ctx)
-	ss.log = func(msg string, args ...any) { s.log.Info(msg, append([]any{"session", ss.id}, args...)...) }
 	ss.log("session opened", "remote", remote)
 	a := newAttachment(c, remote)
 	go s.own(ss, a) // returns once the session releases a, below or when it leaves it

@@ -275,10 +275,15 @@ func (s *session) reattach(a *attachment) bool {
 
 // readLoop hands every message the client sends on a's connection to serve, and answers its
 // Pings, until a read fails, the client sends a close frame or breaks the protocol. The last
-// two are handed to serve as the close frame to answer with. A failed read marks a lost.
+// two are handed to serve as the close frame to answer with; a failed read marks a lost.
 func (s *session) readLoop(a *attachment) {
 	defer close(a.read)
-	defer a.fail()
+	bye := false // the client closed, or broke the protocol: the session ends, the connection is not lost
+	defer func() {
+		if !bye {
+			a.fail()
+		}
+	}()
 	fr := frameReader{r: a.conn.in, max: s.srv.cfg.MaxMessageBytes}
 	for {
 		in := inFrame{from: a}
@@ -310,7 +315,7 @@ func (s *session) readLoop(a *attachment) {
 		case <-a.released:
 			return
 		}
-		if in.bye != nil {
+		if bye = in.bye != nil; bye {
 			return
 		}
 	}

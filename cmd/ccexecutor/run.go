@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -33,6 +34,13 @@ with ssh:
 Ctrl-C cancels the command (the server sends SIGTERM to its process group, SIGKILL after its kill
 grace) and waits for it to end; a second Ctrl-C disconnects at once.
 
+A lost connection (reset, ended without a close frame, or silent: nothing from the server for
+30 s and then 15 s after a Ping) ends the command on the server, and this client with 123,
+unless the server offers a reattach (its --reattach-window). Then the client reconnects, trying
+again with a growing wait up to 1 s for at most that window, and the run goes on: the output
+is exactly what it would have been, a note on stderr tells of each reattach, and Ctrl-C pressed
+meanwhile cancels the command once reattached.
+
 What is not like running locally:
   - stdin is empty: the command reads /dev/null on the server.
   - Output is text: invalid UTF-8 becomes U+FFFD, so binary output is not preserved.
@@ -51,7 +59,8 @@ Exit status:
   121    the server refused the session (HTTP 401 or 403, session limit)
   122    the server refused the command (invalid params, command not allowed, request
          too large)
-  123    the connection was lost before the command completed
+  123    the connection was lost before the command completed (and, if the server offered a
+         reattach, it was refused or the window passed)
   130    a second Ctrl-C disconnected before the command completed
 
 Flags:
@@ -70,13 +79,17 @@ const (
 
 // Tunables of the client.
 const (
-	connectTimeout = 10 * time.Second // time to connect, upgrade and receive the connected notification
-	requestWait    = 10 * time.Second // time a request, or the closing frame, may take to be written
-	refusalBytes   = 1 << 10          // how much of a refusal's body is read to explain it
-	readAhead      = 32 << 20         // bytes of frames read ahead of a blocked stdout; past them the server waits
-	maxMessage     = 64 << 20         // largest frame received; a larger one is skipped with a note
-	outBufSize     = 64 << 10         // size of the buffers of stdout and stderr
-	readChunk      = 64 << 10         // memory the frames that have arrived are read into; once full, they are handed over
+	connectTimeout = 10 * time.Second      // time to connect, upgrade and receive the connected notification
+	requestWait    = 10 * time.Second      // time a request, or the closing frame, may take to be written
+	refusalBytes   = 1 << 10               // how much of a refusal's body is read to explain it
+	idleWait       = 30 * time.Second      // silence of the server after which the client sends it a Ping
+	pongWait       = 15 * time.Second      // silence after that Ping after which the connection counts as lost
+	backoffMin     = 50 * time.Millisecond // wait after a first failed attempt to reattach; it doubles after each
+	backoffMax     = time.Second           // longest wait between two attempts to reattach
+	readAhead      = 32 << 20              // bytes of frames read ahead of a blocked stdout; past them the server waits
+	maxMessage     = 64 << 20              // largest frame received; a larger one is skipped with a note
+	outBufSize     = 64 << 10              // size of the buffers of stdout and stderr
+	readChunk      = 64 << 10              // memory the frames that have arrived are read into; once full, they are handed over
 )
 
 // executeID is the id of the execute request, the first request of a session; control
@@ -93,10 +106,16 @@ func runCommand(args []string) int {
 		fmt.Fprintf(os.Stderr, "ccexecutor run: %v (see 'ccexecutor run -h')\n", err)
 		return exitUsage
 	}
+	return o.status()
+}
+
+// status runs the command of o and returns the exit status: the command's, or that of the
+// client's own failure, which it reports on o.stderr.
+func (o *runOptions) status() int {
 	status, err := o.run()
 	var f *exitError
 	if errors.As(err, &f) {
-		fmt.Fprintf(os.Stderr, "ccexecutor run: %v\n", err)
+		fmt.Fprintf(o.stderr, "ccexecutor run: %v\n", err)
 		return f.code
 	}
 	return status
@@ -116,11 +135,6 @@ func exitf(code int, format string, a ...any) error {
 	return &exitError{code, fmt.Errorf(format, a...)}
 }
 
-// notef prints a note of the client's own on stderr.
-func notef(format string, a ...any) {
-	fmt.Fprintf(os.Stderr, "ccexecutor run: "+format+"\n", a...)
-}
-
 // runOptions are the settings of one run.
 type runOptions struct {
 	url         string
@@ -129,6 +143,9 @@ type runOptions struct {
 	pauseOnTSTP bool        // SIGTSTP pauses the command, SIGCONT resumes it
 	tls         *tls.Config // for a wss:// URL
 	params      execParams
+
+	stdout, stderr io.Writer     // os.Stdout and os.Stderr, but in tests
+	idle, pongWait time.Duration // the keep-alive: idleWait and pongWait, but in tests
 }
 
 // execParams are the params of an execute request.
@@ -144,7 +161,7 @@ type execParams struct {
 func parseRun(args []string) (*runOptions, error) {
 	fs := flag.NewFlagSet("ccexecutor run", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // runCommand reports errors in one line
-	o := new(runOptions)
+	o := &runOptions{stdout: os.Stdout, stderr: os.Stderr, idle: idleWait, pongWait: pongWait}
 	fs.StringVar(&o.url, "url", "ws://127.0.0.1:8003/ws/mcp", "server `URL`, ws:// or wss://")
 	fs.StringVar(&o.token, "token", "", "`token` to present to the server (env CC_EXECUTOR_TOKEN)")
 	fs.Func("timeout", "stream timeout of the run, in `seconds` or as a Go duration (default: the server's)", func(v string) error {
@@ -212,12 +229,15 @@ func parseRun(args []string) (*runOptions, error) {
 // run runs the command of o on the server and returns its exit status, or an *exitError.
 func (o *runOptions) run() (int, error) {
 	c := &runner{
+		o:      o,
 		json:   o.json,
-		stdout: bufio.NewWriterSize(os.Stdout, outBufSize),
-		stderr: bufio.NewWriterSize(os.Stderr, outBufSize),
+		stdout: bufio.NewWriterSize(o.stdout, outBufSize),
+		stderr: bufio.NewWriterSize(o.stderr, outBufSize),
+		in:     newInbox(),
+		quit:   make(chan struct{}),
 	}
 	defer c.flush() // what connect printed with --json, even when it fails
-	if err := c.connect(o); err != nil {
+	if err := c.connect(); err != nil {
 		return 0, err
 	}
 	sigs := make(chan os.Signal, 4)
@@ -228,27 +248,26 @@ func (o *runOptions) run() (int, error) {
 	}
 	defer signal.Stop(sigs)
 
-	in := newInbox()
-	quit := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Go(func() { c.read(in, quit) }) // returns when a read fails (close below ends it) or quit is closed
+	c.startReading()
 	defer func() {
 		c.flush()
-		close(quit)
+		close(c.quit)
 		c.ws.close()
-		wg.Wait()
+		c.readers.Wait()
 	}()
 	if err := c.call("execute", o.params); err != nil {
 		return 0, exitf(exitLost, "connection lost before the command was sent: %v", err)
 	}
-	return c.wait(in, sigs)
+	return c.wait(sigs)
 }
 
-// A runner is one session with the server, for one command. Its reader goroutine receives the
-// frames into an inbox; everything else, writing requests included, is done by the goroutine
-// that calls wait.
+// A runner is one session with the server, for one command, over one connection after
+// another when the server lets it reattach. A reader goroutine per connection receives the
+// frames into an inbox; everything else, writing requests and reattaching included, is done by
+// the goroutine that calls wait.
 type runner struct {
-	ws      *wsConn
+	o       *runOptions
+	ws      *wsConn       // the connection; replaced by reattach
 	json    bool          // print frames rather than output
 	lastID  int           // id of the last request sent
 	started bool          // the server accepted the execute request
@@ -256,56 +275,47 @@ type runner struct {
 	stderr  *bufio.Writer // flushed whenever no frame is waiting, and before stdout is written
 	line    []byte        // the output line being decoded
 	buf     bytes.Buffer  // a frame being printed
+
+	in      *inbox         // the frames of the connections, in order
+	quit    chan struct{}  // closed when the run is over, to end a reader waiting on in
+	readers sync.WaitGroup // the reader of each connection
+
+	session  string        // session_id of the first connected
+	token    string        // resume_token of the last connected; empty when the server offers no reattach
+	window   time.Duration // reattach_window of the last connected
+	received int64         // messages handled since the first connected, connected notifications not counted
+	canceled bool          // the user asked for a cancel (a first SIGINT)
+	pending  []string      // control types not yet sent, in order
 }
 
 // connect opens the session: it dials the server at o.url, upgrades the connection presenting
 // o.token, and reads the server's first frame, which must be the connected notification. It
 // gives up after connectTimeout.
-func (c *runner) connect(o *runOptions) error {
+func (c *runner) connect() error {
+	o := c.o
 	u, err := url.Parse(o.url)
 	if err != nil {
 		return exitf(exitUsage, "invalid --url %q: %v", o.url, err)
 	}
-	port := u.Port()
-	if port == "" {
-		port = map[string]string{"ws": "80", "wss": "443"}[u.Scheme]
-	}
-	deadline := time.Now().Add(connectTimeout)
-	d := &net.Dialer{Deadline: deadline}
-	addr := net.JoinHostPort(u.Hostname(), port)
-	var nc net.Conn
-	if u.Scheme == "wss" {
-		nc, err = (&tls.Dialer{NetDialer: d, Config: o.tls}).Dial("tcp", addr)
-	} else {
-		nc, err = d.Dial("tcp", addr)
-	}
-	if err != nil {
-		return exitf(exitUnreachable, "cannot reach the server at %s: %v%s", o.url, err, tlsHint(err))
-	}
-	nc.SetDeadline(deadline)
-	header := make(http.Header)
-	if o.token != "" {
-		header.Set("Authorization", "Bearer "+o.token)
-	}
-	ws, err := wsHandshake(nc, u, header, requestWait)
-	if err != nil {
-		nc.Close()
-		var r *refusedError
-		switch {
-		case errors.As(err, &r) && (r.status == http.StatusUnauthorized || r.status == http.StatusForbidden):
-			return exitf(exitRefused, "server refused the session: %s", r.text)
-		case errors.As(err, &r):
-			return exitf(exitUnreachable, "no ccexecutor server at %s: %s", o.url, r.text)
-		}
-		return exitf(exitUnreachable, "no WebSocket server at %s: %v", o.url, err)
-	}
-	c.ws = ws
-
-	first, err := ws.next(nil, maxMessage)
-	if err != nil {
-		nc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), connectTimeout)
+	defer cancel()
+	ws, first, err := c.open(ctx, u)
+	var d *dialError
+	var h *handshakeError
+	var r *refusedError
+	switch {
+	case errors.As(err, &d):
+		return exitf(exitUnreachable, "cannot reach the server at %s: %v%s", o.url, d.err, tlsHint(d.err))
+	case errors.As(err, &r) && (r.status == http.StatusUnauthorized || r.status == http.StatusForbidden):
+		return exitf(exitRefused, "server refused the session: %s", r.text)
+	case errors.As(err, &r):
+		return exitf(exitUnreachable, "no ccexecutor server at %s: %s", o.url, r.text)
+	case errors.As(err, &h):
+		return exitf(exitUnreachable, "no WebSocket server at %s: %v", o.url, h.err)
+	case err != nil:
 		return exitf(exitRefused, "the server did not start a session: %v", err)
 	}
+	c.ws = ws
 	var m serverFrame
 	json.Unmarshal(first, &m)
 	if c.json {
@@ -318,8 +328,80 @@ func (c *runner) connect(o *runOptions) error {
 		}
 		return exitf(exitRefused, "the server did not start a session: first frame %.100q", first)
 	}
-	nc.SetDeadline(time.Time{})
+	c.session = m.Params.SessionID
+	c.offer(&m)
 	return nil
+}
+
+// A dialError is a failure to open a connection to the server, TLS included.
+type dialError struct{ err error }
+
+func (e *dialError) Error() string { return e.err.Error() }
+func (e *dialError) Unwrap() error { return e.err }
+
+// A handshakeError is an answer to the opening handshake that is not a WebSocket upgrade, nor
+// an HTTP refusal (those are *refusedError).
+type handshakeError struct{ err error }
+
+func (e *handshakeError) Error() string { return e.err.Error() }
+func (e *handshakeError) Unwrap() error { return e.err }
+
+// open dials the server at u, upgrades the connection presenting the token of c.o, and reads
+// the server's first frame, giving up when ctx is done. It returns the connection, with
+// keep-alive on, and the frame; or a *dialError, a *refusedError, a *handshakeError, or the
+// error of reading the first frame.
+func (c *runner) open(ctx context.Context, u *url.URL) (*wsConn, []byte, error) {
+	port := u.Port()
+	if port == "" {
+		port = map[string]string{"ws": "80", "wss": "443"}[u.Scheme]
+	}
+	d := new(net.Dialer)
+	addr := net.JoinHostPort(u.Hostname(), port)
+	var nc net.Conn
+	var err error
+	if u.Scheme == "wss" {
+		nc, err = (&tls.Dialer{NetDialer: d, Config: c.o.tls}).DialContext(ctx, "tcp", addr)
+	} else {
+		nc, err = d.DialContext(ctx, "tcp", addr)
+	}
+	if err != nil {
+		return nil, nil, &dialError{err}
+	}
+	if deadline, ok := ctx.Deadline(); ok {
+		nc.SetDeadline(deadline)
+	}
+	// Ends the handshake at once when ctx is canceled.
+	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	header := make(http.Header)
+	if c.o.token != "" {
+		header.Set("Authorization", "Bearer "+c.o.token)
+	}
+	ws, err := wsHandshake(nc, u, header, requestWait)
+	if err != nil {
+		nc.Close()
+		if _, ok := err.(*refusedError); !ok {
+			err = &handshakeError{err}
+		}
+		return nil, nil, err
+	}
+	first, err := ws.next(nil, maxMessage)
+	if err == nil && !stop() {
+		err = ctx.Err() // the deadline may have been set after the frame was read
+	}
+	if err != nil {
+		nc.Close()
+		return nil, nil, err
+	}
+	nc.SetDeadline(time.Time{})
+	ws.keepAlive(c.o.idle, c.o.pongWait)
+	return ws, first, nil
+}
+
+// startReading starts the reader of c.ws.
+func (c *runner) startReading() {
+	ws := c.ws
+	c.readers.Go(func() { c.read(ws) }) // returns when a read of ws fails (closing ws ends it) or quit is closed
 }
 
 // tlsHint tells which flag helps with err, when it is a failure to verify the server's
@@ -350,109 +432,19 @@ type serverFrame struct {
 		Data     string  `json:"data"`      // process.output: the line, newline kept
 		ExitCode *int    `json:"exit_code"` // process.completed
 		Error    *string `json:"error"`     // process.completed: why it was ended; process.error
+
+		SessionID      string  `json:"session_id"`      // connected
+		ResumeToken    string  `json:"resume_token"`    // connected, when the server offers a reattach
+		ReattachWindow float64 `json:"reattach_window"` // connected: the time to reattach in, in seconds
 	} `json:"params"`
 }
 
-// An inbox holds the frames read from the server until the runner has printed them, up to
-// readAhead bytes: the reader goroutine goes on reading, and answering Pings, while stdout
-// is blocked (a pager, a slow pipe), and only a consumer that falls readAhead behind makes the
-// server wait. Frames come in chunks, the memory they were read into, which go back to the
-// reader once printed.
-type inbox struct {
-	ready chan struct{} // holds a token while frames or the error wait to be taken
-	room  chan struct{} // holds a token after taken frames were printed
-	free  chan []byte   // printed chunks, for the reader to read into again
-
-	mu     sync.Mutex
-	frames [][]byte // read, not yet taken
-	chunks [][]byte // the chunks of frames
-	held   int      // bytes of the chunks read and not yet printed: frames', and those taken
-	err    error    // why reading ended: the last thing put
-}
-
-func newInbox() *inbox {
-	return &inbox{ready: make(chan struct{}, 1), room: make(chan struct{}, 1), free: make(chan []byte, 4)}
-}
-
-// put adds frames, which lie in chunk, and the error that ended reading if err is not nil, and
-// then waits while readAhead bytes are held. It returns false if quit was closed meanwhile.
-func (in *inbox) put(frames [][]byte, chunk []byte, err error, quit <-chan struct{}) bool {
-	in.mu.Lock()
-	in.frames = append(in.frames, frames...)
-	in.chunks = append(in.chunks, chunk)
-	in.held += len(chunk)
-	if err != nil {
-		in.err = err
-	}
-	in.mu.Unlock()
-	select {
-	case in.ready <- struct{}{}:
-	default:
-	}
-	for {
-		in.mu.Lock()
-		full := in.held >= readAhead
-		in.mu.Unlock()
-		if !full {
-			return true
-		}
-		select {
-		case <-in.room:
-		case <-quit:
-			return false
-		}
-	}
-}
-
-// take returns the frames waiting and their chunks, and the error that ended reading once
-// they are all taken. The chunks count as held until they are given to done.
-func (in *inbox) take() (frames, chunks [][]byte, err error) {
-	in.mu.Lock()
-	defer in.mu.Unlock()
-	frames, chunks = in.frames, in.chunks
-	in.frames, in.chunks = nil, nil
-	if len(frames) > 0 {
-		return frames, chunks, nil
-	}
-	return nil, chunks, in.err
-}
-
-// done releases taken chunks, printed.
-func (in *inbox) done(chunks [][]byte) {
-	n := 0
-	for _, c := range chunks {
-		n += len(c)
-		if cap(c) == readChunk {
-			select {
-			case in.free <- c[:0]:
-			default:
-			}
-		}
-	}
-	in.mu.Lock()
-	in.held -= n
-	in.mu.Unlock()
-	select {
-	case in.room <- struct{}{}:
-	default:
-	}
-}
-
-// chunk returns memory to read frames into: a printed chunk, or a new one.
-func (in *inbox) chunk() []byte {
-	select {
-	case c := <-in.free:
-		return c
-	default:
-		return make([]byte, 0, readChunk)
-	}
-}
-
-// read puts the frames it receives into in until a read fails, the failure included, or until
-// quit is closed. The frames that have already arrived are read into one chunk of memory and
-// put together, so that fast output costs a few hand-overs, not one per line. A frame too
-// large to receive is put as an empty frame, and skipped.
-func (c *runner) read(in *inbox, quit <-chan struct{}) {
+// read puts the frames it receives from ws into c.in until a read fails, the failure included,
+// or until c.quit is closed. The frames that have already arrived are read into one chunk of
+// memory and put together, so that fast output costs a few hand-overs, not one per line. A
+// frame too large to receive is put as an empty frame, and skipped.
+func (c *runner) read(ws *wsConn) {
+	in := c.in
 	var frames [][]byte
 	for {
 		chunk := in.chunk()
@@ -460,7 +452,7 @@ func (c *runner) read(in *inbox, quit <-chan struct{}) {
 		var err error
 		for {
 			var b []byte
-			b, err = c.ws.next(chunk, maxMessage)
+			b, err = ws.next(chunk, maxMessage)
 			if errors.Is(err, errFrameTooLarge) {
 				b, err = chunk, nil // an empty frame, which handle notes
 			}
@@ -469,11 +461,11 @@ func (c *runner) read(in *inbox, quit <-chan struct{}) {
 			}
 			frames = append(frames, b[len(chunk):len(b):len(b)])
 			// Stop at the frames that have arrived, or when the next may not fit.
-			if chunk = b; c.ws.br.Buffered() == 0 || cap(chunk)-len(chunk) < readChunk/16 {
+			if chunk = b; ws.br.Buffered() == 0 || cap(chunk)-len(chunk) < readChunk/16 {
 				break
 			}
 		}
-		if !in.put(frames, chunk, err, quit) || err != nil {
+		if !in.put(frames, chunk, err, c.quit) || err != nil {
 			return
 		}
 	}
@@ -503,9 +495,12 @@ func (c *runner) control(typ string) error {
 // reports the end of the command, and returns the command's exit status. The first SIGINT
 // cancels the command and the second gives up on it. Output is flushed whenever no frame is
 // waiting, so that it appears at once, yet goes out in large writes when it comes fast. A
-// signal is acted on between frames: while stdout is blocked, it waits.
-func (c *runner) wait(in *inbox, sigs <-chan os.Signal) (int, error) {
-	canceled := false
+// signal is acted on between frames: while stdout is blocked, it waits. A connection that is
+// lost while the server offers a reattach is replaced by reattach, and the run goes on: every
+// frame of the lost connection is handled before its error is taken, so that the count of
+// messages received is exact then.
+func (c *runner) wait(sigs <-chan os.Signal) (int, error) {
+	in := c.in
 	for {
 		frames, chunks, err := in.take()
 		if len(frames) == 0 && err == nil {
@@ -514,55 +509,45 @@ func (c *runner) wait(in *inbox, sigs <-chan os.Signal) (int, error) {
 			case <-in.ready:
 				continue
 			case sig := <-sigs:
-				if status, err := c.signal(sig, &canceled); err != nil {
-					return status, err
+				if err := c.signal(sig); err != nil {
+					return 0, err
 				}
 				continue
 			}
 		}
 		for _, f := range frames {
-			if done, status, err := c.handle(f, canceled); done {
+			c.received++
+			if done, status, err := c.handle(f, c.canceled); done {
 				return status, err
 			}
 		}
 		in.done(chunks)
 		switch {
 		case err == nil:
-		case errors.Is(err, io.EOF):
-			return 0, exitf(exitLost, "connection lost before the command completed: closed by the server")
-		case errors.Is(err, io.ErrUnexpectedEOF):
-			return 0, exitf(exitLost, "connection lost before the command completed: it ended inside a frame")
+		case c.token != "" && lost(err):
+			if err := c.reattach(err, sigs); err != nil {
+				return 0, err
+			}
 		default:
-			return 0, exitf(exitLost, "connection lost before the command completed: %v", err)
+			return 0, exitf(exitLost, "connection lost before the command completed: %s", lostReason(err))
 		}
 		select {
 		case sig := <-sigs:
-			if status, err := c.signal(sig, &canceled); err != nil {
-				return status, err
+			if err := c.signal(sig); err != nil {
+				return 0, err
 			}
 		default:
 		}
 	}
 }
 
-// signal acts on sig. It returns an *exitError when the run is over.
-func (c *runner) signal(sig os.Signal, canceled *bool) (int, error) {
-	var err error
-	switch {
-	case sig == syscall.SIGTSTP:
-		err = c.control("PAUSE")
-	case sig == syscall.SIGCONT:
-		err = c.control("RESUME")
-	case *canceled:
-		return 0, exitf(exitInterrupted, "interrupted: disconnected before the command completed")
-	default:
-		*canceled = true
-		err = c.control("CANCEL")
+// signal acts on sig: it sends the control request that sig asks for, or returns an
+// *exitError when the run is over (a second SIGINT).
+func (c *runner) signal(sig os.Signal) error {
+	if err := c.hold(sig); err != nil {
+		return err
 	}
-	if err != nil {
-		return 0, exitf(exitLost, "connection lost before the command completed: %v", err)
-	}
-	return 0, nil
+	return c.sendPending()
 }
 
 // handle acts on one frame: it prints it (with --json) or the output it carries, and reports
@@ -643,7 +628,7 @@ func (c *runner) flush() {
 // notef prints a note of the client's own on stderr, after the output buffered before it.
 func (c *runner) notef(format string, a ...any) {
 	c.flush()
-	notef(format, a...)
+	fmt.Fprintf(c.o.stderr, "ccexecutor run: "+format+"\n", a...)
 }
 
 // print writes frame data on stdout as one line of compact JSON.

@@ -28,8 +28,12 @@ import (
 // a deadline of its own, so that a deadline set for one write never fails a later one.
 type wsConn struct {
 	nc   net.Conn
-	br   *bufio.Reader // the connection, from the end of the handshake answer on
+	br   *bufio.Reader // the connection through Read, from the end of the handshake answer on
 	wait time.Duration // time a frame may take to be written
+
+	// Set by keepAlive before reading begins, and then only read by the reading goroutine.
+	idle     time.Duration // silence after which a Ping is sent; 0 while keep-alive is off
+	pongWait time.Duration // silence after that Ping after which the server counts as gone
 
 	wmu  sync.Mutex // serializes writes; guards wbuf
 	wbuf []byte     // the frame being written
@@ -72,8 +76,9 @@ func wsHandshake(nc net.Conn, u *url.URL, header http.Header, wait time.Duration
 		return nil, err
 	}
 
-	br := bufio.NewReaderSize(nc, 64<<10)
-	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodGet})
+	c := &wsConn{nc: nc, wait: wait}
+	c.br = bufio.NewReaderSize(c, 64<<10)
+	resp, err := http.ReadResponse(c.br, &http.Request{Method: http.MethodGet})
 	if err != nil {
 		return nil, fmt.Errorf("no HTTP answer to the WebSocket handshake: %w", err)
 	}
@@ -88,7 +93,44 @@ func wsHandshake(nc net.Conn, u *url.URL, header http.Header, wait time.Duration
 	case resp.Header.Get("Sec-WebSocket-Accept") != base64.StdEncoding.EncodeToString(sum[:]):
 		return nil, fmt.Errorf("HTTP 101 answer with a wrong Sec-WebSocket-Accept")
 	}
-	return &wsConn{nc: nc, br: br, wait: wait}, nil
+	return c, nil
+}
+
+// errSilent is the error of a read from a server that sent nothing, not even a Pong, in the
+// keep-alive's idle time and its Pong wait after it.
+var errSilent = errors.New("the server sent nothing")
+
+// keepAlive makes reading notice a server that has gone silent, as when the network between
+// drops every packet without a reset: once nothing at all has arrived for idle, a Ping is
+// sent, and a read that gets nothing within pongWait after it fails with errSilent. It must
+// be called after the handshake's deadline is cleared, by the goroutine that reads or before
+// that goroutine starts.
+func (c *wsConn) keepAlive(idle, pongWait time.Duration) {
+	c.idle, c.pongWait = idle, pongWait
+}
+
+// Read reads from the connection for br, applying the keep-alive once keepAlive has set it.
+// Only the goroutine that reads may call it.
+func (c *wsConn) Read(p []byte) (int, error) {
+	if c.idle <= 0 {
+		return c.nc.Read(p)
+	}
+	wait, pinged := c.idle, false
+	for {
+		c.nc.SetReadDeadline(time.Now().Add(wait))
+		n, err := c.nc.Read(p)
+		var ne net.Error
+		if n > 0 || err == nil || !errors.As(err, &ne) || !ne.Timeout() {
+			return n, err
+		}
+		if pinged {
+			return 0, fmt.Errorf("%w for %v, not even a Pong", errSilent, c.idle+c.pongWait)
+		}
+		if err := c.write(opPing, nil); err != nil {
+			return 0, fmt.Errorf("sending a Ping: %w", err)
+		}
+		wait, pinged = c.pongWait, true
+	}
 }
 
 // refusal describes resp, an answer that refused a handshake: its status and the first line of
