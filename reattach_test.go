@@ -452,8 +452,8 @@ func waitDetached(t testing.TB, logs *logWatch, n int) {
 
 // TestReattach guards against the loss of a long run to a network blip when the server offers
 // reattaching, and against a reattach that loses, repeats or misorders a message, or attaches
-// to a session it has no right to. Every row but the last fails with the window at 0: run
-// them so with CCEXECUTOR_TEST_REATTACH_WINDOW=0.
+// to a session it has no right to. Every row but the two about a server without a window
+// fails with the window at 0: run them so with CCEXECUTOR_TEST_REATTACH_WINDOW=0.
 func TestReattach(t *testing.T) {
 	t.Run("seq 1 200000 through a reset and a black hole", func(t *testing.T) {
 		if testing.Short() {
