@@ -24,6 +24,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 // reattachWindowEnv, when set, replaces the window of every reattach test server: with
@@ -682,7 +683,7 @@ func TestReattach(t *testing.T) {
 			t.Fatalf("runs started: %q", pids)
 		}
 		pid, _ := strconv.Atoi(pids[0])
-		wrote := waitBlocked(t, pid, 500*time.Millisecond) // the run waits
+		wrote := waitPipeFull(t, pid) // the run waits
 		c.reattach(p.addr())
 		if err := c.readUntilCompleted(); err != nil {
 			t.Fatal(err)
@@ -1043,18 +1044,17 @@ func (c *rclient) awaitAck(n int64) {
 	}
 }
 
-// waitBlocked waits until process pid sleeps writing to a pipe and has written nothing more for
-// quiet, and returns how many bytes it has written (wchar in /proc/pid/io). It fails the test if
-// pid ends first: a run whose output nobody takes must wait. A writer that waits for good
-// cannot be told by an event from one that a slow reader keeps waiting a moment, hence quiet;
-// a server that lets the run wait too early or too late still fails the checks of what it
-// held, which do not depend on when this returns.
-func waitBlocked(t testing.TB, pid int, quiet time.Duration) int64 {
+// waitPipeFull waits until process pid sleeps writing to its stdout, and that pipe, which this
+// process reads, has no room for another page: nobody takes the run's output, and the run waits
+// on its pipe. It fails the test if pid ends first, since a run whose output nobody takes must
+// wait, and returns how many bytes pid has written (wchar in /proc/pid/io). A server that lets
+// the run wait too early or too late still fails the checks of what it held.
+func waitPipeFull(t testing.TB, pid int) int64 {
 	t.Helper()
+	fd := readEnd(t, pid)
 	tick := time.NewTicker(10 * time.Millisecond) // a poll interval of /proc
 	defer tick.Stop()
 	deadline := time.After(30 * time.Second)
-	last, since := int64(-1), time.Now()
 	for {
 		wchan, err1 := os.ReadFile(fmt.Sprintf("/proc/%d/wchan", pid))
 		io, err2 := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
@@ -1067,18 +1067,40 @@ func waitBlocked(t testing.TB, pid int, quiet time.Duration) int64 {
 				wrote, _ = strconv.ParseInt(strings.TrimSpace(v), 10, 64)
 			}
 		}
-		switch now := time.Now(); {
-		case !strings.Contains(string(wchan), "pipe_write") || wrote != last:
-			last, since = wrote, now
-		case now.Sub(since) >= quiet:
+		var held, size int32
+		syscall.Syscall(syscall.SYS_IOCTL, uintptr(fd), syscall.TIOCINQ, uintptr(unsafe.Pointer(&held)))
+		r, _, _ := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), 1032 /* F_GETPIPE_SZ */, 0)
+		size = int32(r)
+		if strings.Contains(string(wchan), "pipe_write") && size > 0 && held > size-4096 {
 			return wrote
 		}
 		select {
 		case <-tick.C:
 		case <-deadline:
-			t.Fatalf("process %d did not come to wait on its pipe within 30s (wchan %s, wchar %d)", pid, wchan, wrote)
+			t.Fatalf("process %d did not come to wait on a full pipe within 30s (wchan %s, %d of %d bytes in its pipe)", pid, wchan, held, size)
 		}
 	}
+}
+
+// readEnd returns this process's descriptor of the pipe that is the stdout of process pid.
+func readEnd(t testing.TB, pid int) int {
+	t.Helper()
+	pipe, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/1", pid))
+	if err != nil || !strings.HasPrefix(pipe, "pipe:") {
+		t.Fatalf("stdout of process %d: %q, %v; want a pipe", pid, pipe, err)
+	}
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range fds {
+		if l, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && l == pipe {
+			fd, _ := strconv.Atoi(e.Name())
+			return fd
+		}
+	}
+	t.Fatalf("no descriptor of %s in this process", pipe)
+	return -1
 }
 
 // frameBytes is the size of the text frames that carried msgs, as the server sent them.
@@ -1127,7 +1149,7 @@ func BenchmarkReattachBuffer(b *testing.B) {
 				waitDetached(b, logs, i+1)
 				pids := logs.attrs("run started", "pid")
 				pid, _ := strconv.Atoi(pids[i])
-				waitBlocked(b, pid, 300*time.Millisecond)
+				waitPipeFull(b, pid)
 			}
 			b.StopTimer()
 			runtime.GC()
