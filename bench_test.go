@@ -209,19 +209,28 @@ func newBenchConn(b *testing.B, cfg Config) *benchConn {
 	cfg.Logger = slog.New(slog.DiscardHandler)
 	srv := NewServer(cfg)
 	hs := httptest.NewServer(srv)
-	nc, err := net.Dial("tcp", hs.Listener.Addr().String())
-	if err != nil {
-		b.Fatal(err)
-	}
+	c := dialBench(b, hs.Listener.Addr().String())
 	b.Cleanup(func() {
-		nc.Close()
+		c.c.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		srv.Shutdown(ctx)
 		hs.Close()
 	})
+	if p := c.next(); !bytes.Contains(p, []byte(`"method":"connected"`)) {
+		b.Fatalf("first frame %s", p)
+	}
+	return c
+}
+
+// dialBench opens a WebSocket connection to the server at addr; the caller closes it.
+func dialBench(b *testing.B, addr string) *benchConn {
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		b.Fatal(err)
+	}
 	nc.SetDeadline(time.Now().Add(5 * time.Minute))
-	req, _ := http.NewRequest("GET", hs.URL+"/ws/mcp", nil)
+	req, _ := http.NewRequest("GET", "http://"+addr+"/ws/mcp", nil)
 	req.Header.Set("Upgrade", "websocket")
 	req.Header.Set("Connection", "Upgrade")
 	req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
@@ -233,9 +242,6 @@ func newBenchConn(b *testing.B, cfg Config) *benchConn {
 	resp, err := http.ReadResponse(c.br, req)
 	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
 		b.Fatalf("handshake: %v %v", resp, err)
-	}
-	if p := c.next(); !bytes.Contains(p, []byte(`"method":"connected"`)) {
-		b.Fatalf("first frame %s", p)
 	}
 	return c
 }

@@ -1,7 +1,6 @@
 package ccexecutor
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -10,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -1163,24 +1161,8 @@ func BenchmarkReattachBuffer(b *testing.B) {
 // detachRun opens a session on addr, starts command, and once its first line arrived closes
 // the connection without a close frame: the session detaches with its run going on.
 func detachRun(b *testing.B, addr, command string) {
-	nc, err := net.Dial("tcp", addr)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer nc.Close()
-	nc.SetDeadline(time.Now().Add(time.Minute))
-	req, _ := http.NewRequest("GET", "http://"+addr+"/ws/mcp", nil)
-	req.Header.Set("Upgrade", "websocket")
-	req.Header.Set("Connection", "Upgrade")
-	req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
-	req.Header.Set("Sec-WebSocket-Version", "13")
-	if err := req.Write(nc); err != nil {
-		b.Fatal(err)
-	}
-	c := &benchConn{b: b, c: nc, br: bufio.NewReaderSize(nc, 64<<10)}
-	if resp, err := http.ReadResponse(c.br, req); err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
-		b.Fatalf("handshake: %v %v", resp, err)
-	}
+	c := dialBench(b, addr)
+	defer c.c.Close()
 	c.execute(command)
 	for !bytes.Contains(c.next(), []byte(`"method":"process.output"`)) {
 	}
