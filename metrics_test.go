@@ -463,3 +463,45 @@ func BenchmarkMetricsOutput(b *testing.B) {
 		count.flush()
 	})
 }
+
+// TestMetricsReattach checks what /health and /metrics say of detached sessions: a session that
+// lost its connection counts in active_sessions and in detached_sessions until it reattaches,
+// and each detach, reattach and refused reattach is counted. Without a window /health has no
+// detached_sessions.
+func TestMetricsReattach(t *testing.T) {
+	logs := newLogWatch()
+	ts := newTestServer(t, reattachConfig(t, Config{Logger: slog.New(logs)}, time.Minute))
+	p := newCutProxy(t, ts.addr)
+	c := rattach(t, p.addr())
+	want := func(stage string, active, detached int, counts map[string]float64) {
+		t.Helper()
+		h := health(t, ts)
+		got := -1 // no detached_sessions at all
+		if h.Detached != nil {
+			got = *h.Detached
+		}
+		if h.Active != active || got != detached {
+			t.Errorf("%s: /health says %d active, %d detached (-1: none); want %d and %d", stage, h.Active, got, active, detached)
+		}
+		m := scrape(t, ts, "")
+		counts["ccexecutor_sessions_active"] = float64(active)
+		counts["ccexecutor_sessions_detached"] = float64(detached)
+		for name, v := range counts {
+			if m[name] != v {
+				t.Errorf("%s: %s = %v, want %v", stage, name, m[name], v)
+			}
+		}
+	}
+	const detaches, reattaches, refusals = "ccexecutor_session_detaches_total", "ccexecutor_reattaches_total", `ccexecutor_refused_total{reason="resume"}`
+	want("attached", 1, 0, map[string]float64{detaches: 0, reattaches: 0, refusals: 0})
+	c.lose(p.last(), cutReset, logs, 1)
+	want("detached", 1, 1, map[string]float64{detaches: 1, reattaches: 0, refusals: 0})
+	assertResumeRefused(t, p.addr(), c.id, strings.Repeat("0", 32), "0", "unknown session or token")
+	want("refused", 1, 1, map[string]float64{detaches: 1, reattaches: 0, refusals: 1})
+	c.reattach(p.addr())
+	want("reattached", 1, 0, map[string]float64{detaches: 1, reattaches: 1, refusals: 1})
+
+	if h := health(t, newTestServer(t, Config{})); h.Detached != nil {
+		t.Errorf("without a window /health says detached_sessions %d; want no such key", *h.Detached)
+	}
+}
