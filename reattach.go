@@ -60,16 +60,17 @@ func (a *attachment) release() {
 	})
 }
 
-// pong notes a Pong's payload: an acknowledgement when it is one of ours, 8 bytes.
-func (a *attachment) pong(payload []byte) {
+// pong notes a Pong's payload: an acknowledgement when it is one of ours, 8 bytes. It reports
+// whether it was.
+func (a *attachment) pong(payload []byte) bool {
 	if len(payload) != 8 {
-		return
+		return false
 	}
 	n := binary.BigEndian.Uint64(payload)
 	for {
 		old := a.acked.Load()
 		if n <= old {
-			return
+			return true
 		}
 		if a.acked.CompareAndSwap(old, n) {
 			break
@@ -79,6 +80,7 @@ func (a *attachment) pong(payload []byte) {
 	case a.ackc <- struct{}{}:
 	default:
 	}
+	return true
 }
 
 // ackPing is a Ping whose payload is the count of messages sent: its Pong acknowledges them.

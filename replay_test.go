@@ -2,8 +2,11 @@ package ccexecutor
 
 import (
 	"bytes"
+	"encoding/binary"
+	"log/slog"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestReplay checks the replay a reattach is served from: messages are counted across batches,
@@ -134,4 +137,32 @@ func splitFrames(t *testing.T, b []byte) [][]byte {
 		b = rest
 	}
 	return out
+}
+
+// TestPongWithoutAck checks that a client whose Pongs acknowledge nothing is logged, once: with
+// a reattach window its run would otherwise wait, once the buffer is full, with no sign why.
+func TestPongWithoutAck(t *testing.T) {
+	logs := newLogWatch()
+	ts := newTestServer(t, Config{ReattachWindow: time.Minute, Logger: slog.New(logs)})
+	c := dial(t, ts.addr)
+	c.connected()
+	const warning = "a Pong that does not echo the server's Ping: nothing is acknowledged, and the run will wait once the reattach buffer is full"
+	for _, row := range []struct {
+		pong []byte
+		want int // warnings logged after it
+	}{
+		{binary.BigEndian.AppendUint64(nil, 0), 0}, // an acknowledgement
+		{nil, 1},
+		{[]byte("ping"), 1}, // logged once per connection
+	} {
+		c.writeFrame(0xA, row.pong)
+		// Frames are read in order: once the request after the Pong is answered, the Pong
+		// was handled.
+		if m := c.call("nothing", nil); m.Error == nil {
+			t.Fatalf("nothing: %s", m.raw)
+		}
+		if n, _ := logs.count(warning); n != row.want {
+			t.Errorf("after a Pong of %q: %d warnings, want %d", row.pong, n, row.want)
+		}
+	}
 }

@@ -279,6 +279,7 @@ func (s *session) reattach(a *attachment) bool {
 func (s *session) readLoop(a *attachment) {
 	defer close(a.read)
 	bye := false // the client closed, or broke the protocol: the session ends, the connection is not lost
+	odd := false // a Pong without an acknowledgement was logged
 	defer func() {
 		if !bye {
 			a.fail()
@@ -300,8 +301,12 @@ func (s *session) readLoop(a *attachment) {
 				return
 			}
 			continue
-		case f.op == opPong:
-			a.pong(f.data) // conn.Read noted it for the keep-alive
+		case f.op == opPong: // conn.Read noted it for the keep-alive
+			if !a.pong(f.data) && s.reattaching() && !odd {
+				odd = true
+				s.srv.log.Warn("a Pong that does not echo the server's Ping: nothing is acknowledged, and the run will wait once the reattach buffer is full",
+					"session", s.id, "remote", a.remote, "payload_bytes", len(f.data))
+			}
 			continue
 		case f.op == opClose:
 			in.bye = closeFrame(f.code, "")
