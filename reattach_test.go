@@ -785,6 +785,40 @@ func TestReattach(t *testing.T) {
 		c.assertRun(string(seqOutput(100000)), "1")
 	})
 
+	t.Run("takeover while the writer is stuck on the old connection", func(t *testing.T) {
+		// A black hole after a few bytes, a long write wait, and a buffer that holds the whole
+		// run: once the run waits on its full pipe, the writer is stuck in a write to the old
+		// connection, which only the takeover's short deadline ends before the write wait.
+		if testing.Short() {
+			t.Skip("20 MB of output; skipped with -short")
+		}
+		const lines = 20000 // of 1000 bytes: more than the socket buffers and the pipe hold
+		logs := newLogWatch()
+		ts := newTestServer(t, reattachConfig(t, Config{ReattachBuffer: 64 << 20, WriteWait: time.Minute, PingInterval: time.Minute, Logger: slog.New(logs)}, time.Minute))
+		p := newCutProxy(t, ts.addr)
+		c := rattach(t, p.addr())
+		l := p.last()
+		l.cutAfter(3000, cutHole)
+		c.calls++
+		c.send(map[string]any{"jsonrpc": "2.0", "method": "execute", "params": map[string]any{"command": fmt.Sprintf("exec seq -f %%0999g 1 %d", lines)}, "id": "1"})
+		c.readUntilLost(l)
+		pids := logs.attrs("run started", "pid")
+		if len(pids) != 1 {
+			t.Fatalf("runs started: %q", pids)
+		}
+		pid, _ := strconv.Atoi(pids[0])
+		waitPipeFull(t, pid)
+		c.reattach(p.addr()) // waits 20 s at most for connected
+		if err := c.readUntilCompleted(); err != nil {
+			t.Fatal(err)
+		}
+		var want strings.Builder
+		for i := 1; i <= lines; i++ {
+			fmt.Fprintf(&want, "%0999d\n", i)
+		}
+		c.assertRun(want.String(), "1")
+	})
+
 	// A close frame or a protocol error ends the session as without a window: the run ends,
 	// process.completed, the close frame that answers, and the connection closes once the slot
 	// is free.
