@@ -179,6 +179,10 @@ func (s *session) serve(a *attachment) {
 			expire = time.After(s.srv.cfg.ReattachWindow)
 			s.log("session detached", "window", s.srv.cfg.ReattachWindow)
 		case a := <-s.resume:
+			if s.ctx.Err() != nil { // ended meanwhile: writeLoop no longer holds what it sends
+				a.reply <- errUnknownResume
+				break
+			}
 			if s.reattach(a) && expire != nil {
 				expire = nil
 				s.srv.metrics.detach(-1)
@@ -278,7 +282,7 @@ func (s *session) reattach(a *attachment) bool {
 // two are handed to serve as the close frame to answer with; a failed read marks a lost.
 func (s *session) readLoop(a *attachment) {
 	defer close(a.read)
-	bye := false // the client closed, or broke the protocol: the session ends, the connection is not lost
+	bye := false // the client closed or broke the protocol, or the session ends: the connection is not lost
 	defer func() {
 		if !bye {
 			a.fail()
@@ -311,6 +315,7 @@ func (s *session) readLoop(a *attachment) {
 		select {
 		case s.in <- in:
 		case <-s.ctx.Done():
+			bye = true
 			return
 		case <-a.released:
 			return
@@ -381,14 +386,18 @@ func (s *session) writeLoop() {
 		return true
 	}
 	for {
+		// Once the session ends no reattach can come: what is sent is no longer held, and no
+		// longer waits for a Pong to free room, which a client that closed will not send.
+		holding := rb != nil && s.ctx.Err() == nil
 		var (
-			in    = s.out
-			dead  <-chan struct{}
-			acked <-chan struct{}
-			done  <-chan struct{}
+			in     = s.out
+			dead   <-chan struct{}
+			acked  <-chan struct{}
+			done   <-chan struct{}
+			ending <-chan struct{}
 		)
-		if rb != nil && rb.full() {
-			in = nil // until a Pong frees room
+		if holding && rb.full() {
+			in, ending = nil, s.ctx.Done() // until a Pong frees room, or the session ends
 		}
 		switch {
 		case rb == nil:
@@ -405,18 +414,18 @@ func (s *session) writeLoop() {
 				return
 			}
 			queued = append(queued[:0], b)
-			if rb != nil {
+			if holding {
 				rb.add(b)
 			}
 		drain:
-			for len(queued) < queueLen && (rb == nil || !rb.full()) {
+			for len(queued) < queueLen && (!holding || !rb.full()) {
 				select {
 				case b, ok := <-s.out:
 					if !ok {
 						break drain
 					}
 					queued = append(queued, b)
-					if rb != nil {
+					if holding {
 						rb.add(b)
 					}
 				default:
@@ -467,6 +476,7 @@ func (s *session) writeLoop() {
 			}
 		case <-dead:
 			lose(-1)
+		case <-ending:
 		case <-acked:
 			rb.ack(att.acked.Load())
 		case <-done:
