@@ -89,3 +89,49 @@ func TestReviewShutdownClientSpeaks(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestReviewRequestsWhileReplayFull guards against a deadlock of a session with a reattach
+// window: the client's requests arrive while the replay is full, serve blocks sending their
+// responses, readLoop blocks handing serve the next request, and the client's Pong, which
+// would free the replay, waits unread behind it.
+func TestReviewRequestsWhileReplayFull(t *testing.T) {
+	ts := newTestServer(t, Config{ReattachWindow: time.Minute, ReattachBuffer: 4096, PingInterval: time.Hour})
+	c := dial(t, ts.addr)
+	c.connected()
+	c.send(map[string]any{"jsonrpc": "2.0", "method": "execute", "params": map[string]any{"command": "yes"}, "id": "x"})
+	// The client answers no Ping until it has read more than the buffer, which is then full;
+	// it sends its requests, then the Pong for the last Ping it read, which frees it.
+	var last []byte
+	for n := 0; n <= 4096 || last == nil; {
+		op, p, err := c.readFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch op {
+		case opText:
+			n += len(p)
+		case opPing:
+			last = p
+		}
+	}
+	const requests = 12
+	for i := range requests {
+		c.send(map[string]any{"jsonrpc": "2.0", "method": "nothing", "id": i})
+	}
+	c.writeFrame(opPong, last)
+	for got := 0; got < requests; {
+		op, p, err := c.readFrame()
+		if err != nil {
+			t.Fatalf("after %d of %d responses: %v", got, requests, err)
+		}
+		switch op {
+		case opPing:
+			c.writeFrame(opPong, p)
+		case opText:
+			var m struct{ Error *struct{ Code int } }
+			if json.Unmarshal(p, &m) == nil && m.Error != nil {
+				got++
+			}
+		}
+	}
+}

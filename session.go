@@ -359,6 +359,11 @@ func (s *session) writeLoop() {
 		last    = time.Now() // the last tick
 		pinged  time.Time    // when the Ping that awaits an answer was sent, or zero
 		unacked int          // bytes written since the last Ping that acknowledges them
+		// The batches taken while the replay is full, in order, until it has room. A pump's
+		// wait for their return, as for any batch; the others are serve's, which must not
+		// wait on the replay: it may be about to read the Pong that frees it.
+		parked      []*batch
+		parkedBytes int // the size of the parked batches that are serve's
 	)
 	if s.reattaching() {
 		rb = &replay{max: s.srv.cfg.ReattachBuffer}
@@ -385,10 +390,49 @@ func (s *session) writeLoop() {
 		att = nil
 		return true
 	}
+	// write writes the batches queued, if there is a connection, and gives the pumps' back;
+	// it reports whether writeLoop goes on.
+	write := func() bool {
+		var err error
+		if att != nil {
+			err = att.conn.writeBatches(queued, &bufs, &scratch)
+		}
+		for i, b := range queued {
+			unacked += len(b.frames) + len(b.line)
+			if b.free != nil {
+				b.free <- b // never blocks: it has room for every batch of its pump
+			}
+			queued[i] = nil
+		}
+		if att != nil && err == nil {
+			wrote = true
+			if rb != nil && unacked >= rb.max/4 {
+				_, err = att.conn.Write(ping())
+			}
+		}
+		return err == nil || lose(dropReason(att.conn, err))
+	}
 	for {
 		// Once the session ends no reattach can come: what is sent is no longer held, and no
 		// longer waits for a Pong to free room, which a client that closed will not send.
 		holding := rb != nil && s.ctx.Err() == nil
+		for len(parked) > 0 && (!holding || !rb.full()) {
+			queued = queued[:0]
+			for len(parked) > 0 && len(queued) < queueLen && (!holding || !rb.full()) {
+				b := parked[0]
+				parked[0], parked = nil, parked[1:]
+				if b.free == nil {
+					parkedBytes -= len(b.frames)
+				}
+				queued = append(queued, b)
+				if holding {
+					rb.add(b)
+				}
+			}
+			if !write() {
+				return
+			}
+		}
 		var (
 			in     = s.out
 			dead   <-chan struct{}
@@ -397,7 +441,10 @@ func (s *session) writeLoop() {
 			ending <-chan struct{}
 		)
 		if holding && rb.full() {
-			in, ending = nil, s.ctx.Done() // until a Pong frees room, or the session ends
+			ending = s.ctx.Done() // which frees the parked batches, as a Pong that frees room does
+			if parkedBytes >= rb.max {
+				in = nil // serve has sent as much again: it waits too
+			}
 		}
 		switch {
 		case rb == nil:
@@ -412,6 +459,13 @@ func (s *session) writeLoop() {
 		case b, ok := <-in:
 			if !ok {
 				return
+			}
+			if holding && (rb.full() || len(parked) > 0) {
+				parked = append(parked, b)
+				if b.free == nil {
+					parkedBytes += len(b.frames)
+				}
+				continue
 			}
 			queued = append(queued[:0], b)
 			if holding {
@@ -432,24 +486,7 @@ func (s *session) writeLoop() {
 					break drain
 				}
 			}
-			var err error
-			if att != nil {
-				err = att.conn.writeBatches(queued, &bufs, &scratch)
-			}
-			for i, b := range queued {
-				unacked += len(b.frames) + len(b.line)
-				if b.free != nil {
-					b.free <- b // never blocks: it has room for every batch of its pump
-				}
-				queued[i] = nil
-			}
-			if att != nil && err == nil {
-				wrote = true
-				if rb != nil && unacked >= rb.max/4 {
-					_, err = att.conn.Write(ping())
-				}
-			}
-			if err != nil && !lose(dropReason(att.conn, err)) {
+			if !write() {
 				return
 			}
 		case o := <-s.attachc:
