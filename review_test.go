@@ -41,7 +41,7 @@ func TestReviewEndWithReplayFull(t *testing.T) {
 	ts := newTestServer(t, Config{ReattachWindow: time.Minute, ReattachBuffer: 4096, PingInterval: time.Hour})
 	c := dial(t, ts.addr)
 	c.connected()
-	c.send(map[string]any{"jsonrpc": "2.0", "method": "execute", "params": map[string]any{"command": "yes"}, "id": "1"})
+	c.send(map[string]any{"jsonrpc": "2.0", "method": "execute", "params": map[string]any{"command": "seq 1 30000; sleep 300"}, "id": "1"})
 	// The client answers no Ping, so nothing is acknowledged: the replay fills at 4 KiB.
 	for {
 		op, p, err := c.readFrame()
