@@ -457,6 +457,9 @@ func (s *session) writeLoop() {
 		}
 		select {
 		case b, ok := <-in:
+			if !ok && len(parked) > 0 {
+				continue // the session has ended: the loop's top writes them first
+			}
 			if !ok {
 				return
 			}
