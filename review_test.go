@@ -99,18 +99,19 @@ func TestReviewRequestsWhileReplayFull(t *testing.T) {
 	c := dial(t, ts.addr)
 	c.connected()
 	c.send(map[string]any{"jsonrpc": "2.0", "method": "execute", "params": map[string]any{"command": "yes"}, "id": "x"})
-	// The client answers no Ping until it has read more than the buffer, which is then full;
-	// it sends its requests, then the Pong for the last Ping it read, which frees it.
+	// The client answers no Ping until it has read more than the buffer, which is then full,
+	// and the Ping after that, which follows the last batch written; it sends its requests,
+	// then the Pong for that Ping, which frees the buffer.
 	var last []byte
-	for n := 0; n <= 4096 || last == nil; {
+	for n := 0; last == nil; {
 		op, p, err := c.readFrame()
 		if err != nil {
 			t.Fatal(err)
 		}
-		switch op {
-		case opText:
+		switch {
+		case op == opText:
 			n += len(p)
-		case opPing:
+		case op == opPing && n > 4096:
 			last = p
 		}
 	}
