@@ -98,7 +98,8 @@
 // pump waits. So a session holds at most, per stream, the line being read (MaxLineBytes) and its
 // read buffer and two batches of under maxBatch+maxInline bytes, and once the writer's piece of a
 // long line: about 1.7 MiB at the default limits, plus, with a reattach window, the replay:
-// ReattachBuffer bytes of what was sent, as encoded but for long lines, held as read, and one batch. (The rate limit of the refusal log, refusals.go,
+// ReattachBuffer bytes of what was sent, as encoded but for long lines, held as read, and one batch,
+// and up to as much again of serve's messages waiting for room. (The rate limit of the refusal log, refusals.go,
 // has a mutex of its own, held for its counters only; the line is logged after it is released. The
 // metrics of /metrics, metrics.go, are atomics, which any goroutine adds to without a lock.)
 //
@@ -127,10 +128,12 @@
 // closes it. serve learns of a lost connection from its attachment's dead channel, detaches, and
 // takes a reattach from another handler on its resume channel; it hands each connection to
 // writeLoop, which alone writes to it, on attachc. writeLoop also owns the replay, the messages
-// sent and not acknowledged, and takes no batch while the replay is full; a Pong reaches it
-// through the attachment's acked counter, an atomic that readLoop raises, and a token on ackc. So
-// the replay needs no lock, and a detached session's run waits on its pipe as a slow client's
-// does. A session frees its slot only after all of them have returned, and closes the connection
+// sent and not acknowledged, and writes nothing while the replay is full: what it takes then
+// waits in order, a pump's batches while their pump waits for them, serve's up to ReattachBuffer
+// bytes more, so that serve does not wait on a Pong that its reader holds behind a request. A
+// Pong reaches it through the attachment's acked counter, an atomic that readLoop raises, and a
+// token on ackc. So the replay needs no lock, and a detached session's run waits on its pipe as
+// a slow client's does. A session frees its slot only after all of them have returned, and closes the connection
 // after that, so a client that sees the connection close may connect again at once. After a protocol
 // error it first lingers (conn.linger): it half-closes and reads until the client closes its end,
 // for at most WriteWait, so that its close frame is not lost to a reset. One more goroutine

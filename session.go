@@ -179,6 +179,10 @@ func (s *session) serve(a *attachment) {
 			expire = time.After(s.srv.cfg.ReattachWindow)
 			s.log("session detached", "window", s.srv.cfg.ReattachWindow)
 		case a := <-s.resume:
+			if s.ctx.Err() != nil { // ended meanwhile: writeLoop no longer holds what it sends
+				a.reply <- errUnknownResume
+				break
+			}
 			if s.reattach(a) && expire != nil {
 				expire = nil
 				s.srv.metrics.detach(-1)
@@ -278,7 +282,7 @@ func (s *session) reattach(a *attachment) bool {
 // two are handed to serve as the close frame to answer with; a failed read marks a lost.
 func (s *session) readLoop(a *attachment) {
 	defer close(a.read)
-	bye := false // the client closed, or broke the protocol: the session ends, the connection is not lost
+	bye := false // the client closed or broke the protocol, or the session ends: the connection is not lost
 	odd := false // a Pong without an acknowledgement was logged
 	defer func() {
 		if !bye {
@@ -316,6 +320,7 @@ func (s *session) readLoop(a *attachment) {
 		select {
 		case s.in <- in:
 		case <-s.ctx.Done():
+			bye = true
 			return
 		case <-a.released:
 			return
@@ -359,6 +364,11 @@ func (s *session) writeLoop() {
 		last    = time.Now() // the last tick
 		pinged  time.Time    // when the Ping that awaits an answer was sent, or zero
 		unacked int          // bytes written since the last Ping that acknowledges them
+		// The batches taken while the replay is full, in order, until it has room. A pump's
+		// wait for their return, as for any batch; the others are serve's, which must not
+		// wait on the replay: it may be about to read the Pong that frees it.
+		parked      []*batch
+		parkedBytes int // the size of the parked batches that are serve's
 	)
 	if s.reattaching() {
 		rb = &replay{max: s.srv.cfg.ReattachBuffer}
@@ -385,15 +395,61 @@ func (s *session) writeLoop() {
 		att = nil
 		return true
 	}
+	// write writes the batches queued, if there is a connection, and gives the pumps' back;
+	// it reports whether writeLoop goes on.
+	write := func() bool {
+		var err error
+		if att != nil {
+			err = att.conn.writeBatches(queued, &bufs, &scratch)
+		}
+		for i, b := range queued {
+			unacked += len(b.frames) + len(b.line)
+			if b.free != nil {
+				b.free <- b // never blocks: it has room for every batch of its pump
+			}
+			queued[i] = nil
+		}
+		if att != nil && err == nil {
+			wrote = true
+			if rb != nil && unacked >= rb.max/4 {
+				_, err = att.conn.Write(ping())
+			}
+		}
+		return err == nil || lose(dropReason(att.conn, err))
+	}
 	for {
+		// Once the session ends no reattach can come: what is sent is no longer held, and no
+		// longer waits for a Pong to free room, which a client that closed will not send.
+		holding := rb != nil && s.ctx.Err() == nil
+		for len(parked) > 0 && (!holding || !rb.full()) {
+			queued = queued[:0]
+			for len(parked) > 0 && len(queued) < queueLen && (!holding || !rb.full()) {
+				b := parked[0]
+				parked[0], parked = nil, parked[1:]
+				if b.free == nil {
+					parkedBytes -= len(b.frames)
+				}
+				queued = append(queued, b)
+				if holding {
+					rb.add(b)
+				}
+			}
+			if !write() {
+				return
+			}
+		}
 		var (
-			in    = s.out
-			dead  <-chan struct{}
-			acked <-chan struct{}
-			done  <-chan struct{}
+			in     = s.out
+			dead   <-chan struct{}
+			acked  <-chan struct{}
+			done   <-chan struct{}
+			ending <-chan struct{}
 		)
-		if rb != nil && rb.full() {
-			in = nil // until a Pong frees room
+		if holding && rb.full() {
+			ending = s.ctx.Done() // which frees the parked batches, as a Pong that frees room does
+			if parkedBytes >= rb.max {
+				in = nil // serve has sent as much again: it waits too
+			}
 		}
 		switch {
 		case rb == nil:
@@ -406,46 +462,39 @@ func (s *session) writeLoop() {
 		}
 		select {
 		case b, ok := <-in:
+			if !ok && len(parked) > 0 {
+				continue // the session has ended: the loop's top writes them first
+			}
 			if !ok {
 				return
 			}
+			if holding && (rb.full() || len(parked) > 0) {
+				parked = append(parked, b)
+				if b.free == nil {
+					parkedBytes += len(b.frames)
+				}
+				continue
+			}
 			queued = append(queued[:0], b)
-			if rb != nil {
+			if holding {
 				rb.add(b)
 			}
 		drain:
-			for len(queued) < queueLen && (rb == nil || !rb.full()) {
+			for len(queued) < queueLen && (!holding || !rb.full()) {
 				select {
 				case b, ok := <-s.out:
 					if !ok {
 						break drain
 					}
 					queued = append(queued, b)
-					if rb != nil {
+					if holding {
 						rb.add(b)
 					}
 				default:
 					break drain
 				}
 			}
-			var err error
-			if att != nil {
-				err = att.conn.writeBatches(queued, &bufs, &scratch)
-			}
-			for i, b := range queued {
-				unacked += len(b.frames) + len(b.line)
-				if b.free != nil {
-					b.free <- b // never blocks: it has room for every batch of its pump
-				}
-				queued[i] = nil
-			}
-			if att != nil && err == nil {
-				wrote = true
-				if rb != nil && unacked >= rb.max/4 {
-					_, err = att.conn.Write(ping())
-				}
-			}
-			if err != nil && !lose(dropReason(att.conn, err)) {
+			if !write() {
 				return
 			}
 		case o := <-s.attachc:
@@ -472,6 +521,7 @@ func (s *session) writeLoop() {
 			}
 		case <-dead:
 			lose(-1)
+		case <-ending:
 		case <-acked:
 			rb.ack(att.acked.Load())
 		case <-done:
