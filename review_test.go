@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
+	"log/slog"
 	"testing"
 	"time"
 )
@@ -134,5 +136,47 @@ func TestReviewRequestsWhileReplayFull(t *testing.T) {
 				got++
 			}
 		}
+	}
+}
+
+// TestRequestsPastTheReplay crosses the limit of the answers held back while the replay is full:
+// a client that sends requests and acknowledges nothing, once a buffer of answers waits for it,
+// is gone, and its session ends as on a disconnect, instead of serve waiting on it for ever.
+func TestRequestsPastTheReplay(t *testing.T) {
+	logs := newLogWatch()
+	ts := newTestServer(t, Config{ReattachWindow: time.Minute, ReattachBuffer: 4096, PingInterval: time.Hour, Logger: slog.New(logs)})
+	c := dial(t, ts.addr)
+	c.connected()
+	c.send(map[string]any{"jsonrpc": "2.0", "method": "execute", "params": map[string]any{"command": "yes"}, "id": "x"})
+	for n := 0; n <= 4096; { // the replay is full: the client answers no Ping
+		op, p, err := c.readFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if op == opText {
+			n += len(p)
+		}
+	}
+	// Each answer is about 90 bytes: 100 of them are more than the buffer.
+	for i := range 100 {
+		if err := c.tryWriteFrame(opText, fmt.Appendf(nil, `{"jsonrpc":"2.0","method":"nothing","id":%d}`, i)); err != nil {
+			break // the server has closed: the session ended
+		}
+	}
+	for {
+		if _, _, err := c.readFrame(); err != nil {
+			break
+		}
+	}
+	timeout := time.After(20 * time.Second)
+	for closed, changed := logs.count("session closed"); closed == 0; closed, changed = logs.count("session closed") {
+		select {
+		case <-changed:
+		case <-timeout:
+			t.Fatalf("the session did not end within 20s; log: %q", logs.messages())
+		}
+	}
+	if causes := logs.attrs("run ended", "cause"); len(causes) != 1 || causes[0] != "client disconnected" {
+		t.Errorf("run ended with causes %q, want client disconnected", causes)
 	}
 }

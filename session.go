@@ -447,9 +447,6 @@ func (s *session) writeLoop() {
 		)
 		if holding && rb.full() {
 			ending = s.ctx.Done() // which frees the parked batches, as a Pong that frees room does
-			if parkedBytes >= rb.max {
-				in = nil // serve has sent as much again: it waits too
-			}
 		}
 		switch {
 		case rb == nil:
@@ -472,6 +469,12 @@ func (s *session) writeLoop() {
 				parked = append(parked, b)
 				if b.free == nil {
 					parkedBytes += len(b.frames)
+				}
+				if parkedBytes >= rb.max {
+					// A client that has a buffer of answers waiting and acknowledges nothing
+					// is gone, as one that reads nothing is: serve would wait on it for ever.
+					s.log("client gone: a reattach buffer of answers waits for its acknowledgement", "bytes", parkedBytes)
+					s.cancel(errClientGone)
 				}
 				continue
 			}
