@@ -42,7 +42,7 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 // when the client last sent anything, so that a Ping left unanswered can be noticed.
 type conn struct {
 	net.Conn
-	wait atomic.Int64  // the write deadline, a time.Duration: WriteWait, or less once hurried
+	wait atomic.Int64  // the write deadline, a time.Duration: WriteWait, or less during a takeover
 	in   *bufio.Reader // reads from conn, read-ahead first: the handshake's reader, then readLoop's
 
 	raw      net.Conn     // for writev: the connection under Conn when Conn is a limitedConn; nil means Conn
@@ -162,7 +162,7 @@ const minProgress = 128 << 10
 func (c *conn) deadline() error {
 	w := c.wait.Load()
 	c.Conn.SetWriteDeadline(time.Now().Add(time.Duration(w)))
-	if w2 := c.wait.Load(); w2 != w { // hurried meanwhile: set its deadline, which this one may have replaced
+	if w2 := c.wait.Load(); w2 != w { // changed meanwhile by setWait, whose deadline this one may have replaced
 		c.Conn.SetWriteDeadline(time.Now().Add(time.Duration(w2)))
 	}
 	if c.aborted.Load() {
@@ -171,12 +171,10 @@ func (c *conn) deadline() error {
 	return nil
 }
 
-// hurry shortens the write deadline to d, the write in progress included, unless it is shorter.
-func (c *conn) hurry(d time.Duration) {
-	if time.Duration(c.wait.Load()) > d {
-		c.wait.Store(int64(d))
-		c.Conn.SetWriteDeadline(time.Now().Add(d))
-	}
+// setWait makes d the write deadline, for the write in progress too.
+func (c *conn) setWait(d time.Duration) {
+	c.wait.Store(int64(d))
+	c.Conn.SetWriteDeadline(time.Now().Add(d))
 }
 
 // linger half-closes the connection, then reads and drops what the client still sends until

@@ -149,7 +149,7 @@ func (s *session) serve(a *attachment) {
 	if s.reattaching() {
 		s.token = newToken()
 	}
-	s.attach(a, 0)
+	s.attach(a, 0, false)
 	var expire <-chan time.Time // while detached, the end of the window
 	for s.ctx.Err() == nil {
 		var dead <-chan struct{}
@@ -230,12 +230,14 @@ type attachOrder struct {
 	from      uint64
 	connected *batch
 	done      chan error
+	resume    bool // a reattach, which writeLoop refuses once the session has ended
 }
 
 // attach makes a the session's connection: writeLoop takes it over from the one before, if
-// any. It reports whether a is attached.
-func (s *session) attach(a *attachment, from uint64) bool {
-	o := attachOrder{a, from, s.connected(), make(chan error, 1)}
+// any, and replays what was sent after the first from messages. resume is false for the
+// session's first connection. It reports whether a is attached.
+func (s *session) attach(a *attachment, from uint64, resume bool) bool {
+	o := attachOrder{a, from, s.connected(), make(chan error, 1), resume}
 	select {
 	case s.attachc <- o: // writeLoop takes it between two writes
 	case <-s.flushed: // the session ended with no connection
@@ -265,12 +267,15 @@ func (s *session) reattach(a *attachment) bool {
 	if s.att != nil {
 		// A takeover: the writer may be stuck on the old connection, which may be the one a
 		// network blip cut without a word. Give it a moment, not a whole write wait.
-		s.att.conn.hurry(takeoverWait)
+		s.att.conn.setWait(min(takeoverWait, s.srv.cfg.WriteWait))
 	}
 	token := s.token
 	s.token = newToken()
-	if !s.attach(a, a.received) {
+	if !s.attach(a, a.received, true) {
 		s.token = token // a refused reattach spends nothing
+		if s.att != nil {
+			s.att.conn.setWait(s.srv.cfg.WriteWait) // nor keeps the connection it did not take over in a hurry
+		}
 		return false
 	}
 	s.log("session reattached", "remote", a.remote, "received", a.received)
@@ -501,6 +506,10 @@ func (s *session) writeLoop() {
 				return
 			}
 		case o := <-s.attachc:
+			if o.resume && !holding {
+				o.done <- errUnknownResume // what was sent since the session ended is not held
+				continue
+			}
 			var replayed []*batch
 			if rb != nil {
 				var err error
