@@ -127,14 +127,19 @@
 // handler that upgraded it: the owner runs its readLoop, waits until the session releases it, and
 // closes it. serve learns of a lost connection from its attachment's dead channel, detaches, and
 // takes a reattach from another handler on its resume channel; it hands each connection to
-// writeLoop, which alone writes to it, on attachc. writeLoop also owns the replay, the messages
-// sent and not acknowledged, and writes nothing while the replay is full: what it takes then
-// waits in order, a pump's batches while their pump waits for them, serve's up to ReattachBuffer
-// bytes more, so that serve does not wait on a Pong that its reader holds behind a request. A
-// Pong reaches it through the attachment's acked counter, an atomic that readLoop raises, and a
-// token on ackc. So the replay needs no lock, and a detached session's run waits on its pipe as
-// a slow client's does. A session frees its slot only after all of them have returned, and closes the connection
-// after that, so a client that sees the connection close may connect again at once. After a protocol
+// writeLoop, which alone writes to it, on attachc. A takeover first shortens the old connection's
+// write deadline to takeoverWait (conn.setWait), so that a writer stuck on a cut connection lets
+// go at once. writeLoop also owns the replay, the messages sent and not acknowledged, and writes
+// nothing while the replay is full: what it takes then waits in order, a pump's batches while
+// their pump waits for them, serve's up to ReattachBuffer bytes more, so that serve does not wait
+// on a Pong that its reader holds behind a request (past that, the client counts as gone). A Pong
+// reaches writeLoop through the attachment's acked counter, an atomic that readLoop raises, and a
+// token on ackc. So the replay needs no lock, and a detached session's run waits on its pipe as a
+// slow client's does. Once the session's context is done no reattach can come, and writeLoop
+// holds nothing more.
+//
+// A session frees its slot only after all of them have returned, and closes the connection after
+// that, so a client that sees the connection close may connect again at once. After a protocol
 // error it first lingers (conn.linger): it half-closes and reads until the client closes its end,
 // for at most WriteWait, so that its close frame is not lost to a reset. One more goroutine
 // belongs to the process, not to a session: reapLoop, which SetSubreaper starts and which lives as
