@@ -32,6 +32,10 @@ type Config struct {
 	// default, ends a session when its connection is lost.
 	ReattachWindow time.Duration
 	ReattachBuffer int // default ReattachBuffer; used only with a ReattachWindow
+	// Instance, when not empty, names this server in its resume tokens, which then begin with
+	// it and a dot: so a proxy in front of several servers can send a reattach back to the one
+	// that holds its session (contrib/nginx.conf).
+	Instance string
 
 	// AllowedCommands, when not empty, are the only programs execute may run: a command is then
 	// split into words and run without a shell, and one holding shell syntax is refused.

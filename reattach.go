@@ -88,11 +88,15 @@ func ackPing(sent uint64) []byte {
 	return appendFrame(nil, opPing, binary.BigEndian.AppendUint64(nil, sent))
 }
 
-// newToken returns a resume token: 128 random bits in hex.
-func newToken() string {
+// newToken returns a resume token: 128 random bits in hex, after instance and a dot when
+// instance is not empty.
+func newToken(instance string) string {
 	var b [16]byte
 	rand.Read(b[:])
-	return hex.EncodeToString(b[:])
+	if instance != "" {
+		instance += "."
+	}
+	return instance + hex.EncodeToString(b[:])
 }
 
 // errUnknownResume refuses a reattach whose session or token does not match: one reason for

@@ -587,7 +587,7 @@ func TestReattach(t *testing.T) {
 		received := strconv.FormatInt(c.received, 10)
 		for _, token := range []string{
 			spent,
-			newToken(),
+			newToken(""),
 			strings.ToUpper(c.token),
 			c.token[:31],
 			c.token + "0",
@@ -1019,7 +1019,7 @@ func TestReattach(t *testing.T) {
 		ts := newTestServer(t, Config{}) // not reattachConfig: this row is about the window 0
 		c := dial(t, ts.addr)
 		c.connected()
-		assertResumeRefused(t, ts.addr, "", newToken(), "0", "reattach is not enabled")
+		assertResumeRefused(t, ts.addr, "", newToken(""), "0", "reattach is not enabled")
 		c.assertWorks()
 	})
 }

@@ -147,7 +147,7 @@ func (s *session) connected() *batch {
 func (s *session) serve(a *attachment) {
 	s.wg.Go(s.writeLoop) // returns once out is closed and drained, or once no client can get what is sent
 	if s.reattaching() {
-		s.token = newToken()
+		s.token = newToken(s.srv.cfg.Instance)
 	}
 	s.attach(a, 0, false)
 	var expire <-chan time.Time // while detached, the end of the window
@@ -270,7 +270,7 @@ func (s *session) reattach(a *attachment) bool {
 		s.att.conn.setWait(min(takeoverWait, s.srv.cfg.WriteWait))
 	}
 	token := s.token
-	s.token = newToken()
+	s.token = newToken(s.srv.cfg.Instance)
 	if !s.attach(a, a.received, true) {
 		s.token = token // a refused reattach spends nothing
 		if s.att != nil {

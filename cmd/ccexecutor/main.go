@@ -87,6 +87,13 @@ func serve(args []string) int {
 	fs.StringVar(&cfg.Cgroup, "cgroup", ccexecutor.CgroupAuto, "contain each run in a cgroup v2: auto, off, or the `directory` of the parent cgroup to use (env CGROUP)")
 	fs.Var(orZero{seconds{&cfg.ReattachWindow}}, "reattach-window", "`time` a session whose connection was lost waits for its client to reattach, its run going on; 0, the default, ends it at once (env REATTACH_WINDOW)")
 	fs.Var(positive{&cfg.ReattachBuffer}, "reattach-buffer", "`bytes` of sent output kept for a reattach until the client acknowledges them; past them the run waits (env REATTACH_BUFFER)")
+	fs.Func("instance", "`name` of this instance, which its resume tokens begin with, for a proxy to send a reattach back to it: letters, digits, - and _ (env CC_EXECUTOR_INSTANCE)", func(v string) error {
+		if !instanceName.MatchString(v) {
+			return errors.New("want 1 to 32 letters, digits, - or _")
+		}
+		cfg.Instance = v
+		return nil
+	})
 	idle := idleTimeout
 	fs.Var(seconds{&idle}, "idle-timeout", "`time` an idle HTTP keep-alive connection is kept open (env IDLE_TIMEOUT)")
 
@@ -195,6 +202,10 @@ func serve(args []string) int {
 	}
 	return 0
 }
+
+// instanceName is what --instance accepts: a name that needs no escaping in a URL's query, nor
+// in a regular expression of a proxy's configuration.
+var instanceName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,32}$`)
 
 // idleTimeout is how long an idle HTTP keep-alive connection is kept open by default.
 const idleTimeout = 30 * time.Second

@@ -21,10 +21,13 @@ import (
 )
 
 // nginxReadTimeout replaces the proxy_read_timeout of contrib/nginx.conf in TestNginx: short,
-// so that a run outlives it, and several times the instances' ping interval.
+// so that a run outlives it, and several times the instances' ping interval. nginxWindow is
+// the instances' reattach window: long enough for a reattach, short enough for the clients of
+// a killed instance to give up within runWait.
 const (
 	nginxReadTimeout = "2s"
 	nginxPing        = "300ms"
+	nginxWindow      = "3s"
 )
 
 // TestNginx puts two instances behind nginx configured by contrib/nginx.conf, with TLS, and
@@ -46,8 +49,8 @@ func TestNginx(t *testing.T) {
 	proxyURL := "wss://127.0.0.1:" + port + "/ws/mcp"
 	// Behind the proxy the instances see Host: localhost. ccexecutor run sends no Origin, as a
 	// client that is not a browser, so the instances need no --allow-origin for it.
-	a := startServe(t, serveEnv("INSTANCE=a"), "serve", "--addr", "127.0.0.1:0", "--ping-interval", nginxPing)
-	b := startServe(t, serveEnv("INSTANCE=b"), "serve", "--addr", "127.0.0.1:0", "--ping-interval", nginxPing)
+	a := startServe(t, serveEnv("INSTANCE=a"), "serve", "--addr", "127.0.0.1:0", "--ping-interval", nginxPing, "--instance", "a", "--reattach-window", nginxWindow)
+	b := startServe(t, serveEnv("INSTANCE=b"), "serve", "--addr", "127.0.0.1:0", "--ping-interval", nginxPing, "--instance", "b", "--reattach-window", nginxWindow)
 	startNginx(t, nginx, dir, port, certFile, keyFile, roots, a.addr, b.addr)
 	env := runEnv()
 	client := []string{"--url", proxyURL, "--cacert", certFile} // the test's own CA
@@ -91,6 +94,39 @@ func TestNginx(t *testing.T) {
 		}
 	})
 
+	t.Run("reattaches go back to their instance", func(t *testing.T) {
+		// Between the clients and nginx, a proxy resets each of the first connections after
+		// 100 kB: each client reattaches through nginx, whose map must send it to the instance
+		// that holds its session, the other refusing it.
+		const sessions = 10
+		plan := make([]cut, sessions)
+		for i := range plan {
+			plan[i] = cut{after: 100_000}
+		}
+		cp := newCutProxy(t, "127.0.0.1:"+port, plan...)
+		cutClient := []string{"--url", "wss://" + cp.ln.Addr().String() + "/ws/mcp", "--cacert", certFile}
+		jobs := make([]clientJob, sessions)
+		for i := range jobs {
+			jobs[i].command = fmt.Sprintf(`echo "$INSTANCE"; seq 1 20000 | sed s/^/%d-/`, i)
+		}
+		runJobs(env, cutClient, jobs, sessions)
+		reattached := 0
+		for i, j := range jobs {
+			instance, rest, _ := strings.Cut(j.stdout, "\n")
+			var want strings.Builder
+			for n := 1; n <= 20000; n++ {
+				fmt.Fprintf(&want, "%d-%d\n", i, n)
+			}
+			if j.err != nil || j.code != 0 || rest != want.String() || instance != "a" && instance != "b" {
+				t.Errorf("session %d: exit status %d, %v, %d bytes of stdout, stderr %q; want 0 and its lines", i, j.code, j.err, len(j.stdout), j.stderr)
+			}
+			reattached += strings.Count(j.stderr, "reattached")
+		}
+		if cp.cutsMade() != sessions || reattached < sessions {
+			t.Errorf("%d cuts made, %d reattaches; want %d of each at least", cp.cutsMade(), reattached, sessions)
+		}
+	})
+
 	t.Run("an instance killed mid-way", func(t *testing.T) {
 		// Sessions held until the file release exists, each saying which instance runs it.
 		release := filepath.Join(dir, "release")
@@ -110,7 +146,8 @@ func TestNginx(t *testing.T) {
 		}
 		a.cmd.Process.Kill()
 		<-a.exited
-		// The sessions a held fail as lost connections; b's go on.
+		// The sessions a held fail as lost connections, once their clients have tried to
+		// reattach for the window; b's go on.
 		for _, h := range held {
 			if h.instance != "a" {
 				continue
@@ -312,6 +349,8 @@ func startNginx(t *testing.T, nginx, dir, port, certFile, keyFile string, roots 
 	for _, r := range [][2]string{
 		{"server 127.0.0.1:8003;", "server " + upstreams[0] + ";"},
 		{"server 127.0.0.1:8004;", "server " + upstreams[1] + ";"},
+		{"~^a\\.      127.0.0.1:8003;", "~^a\\.      " + upstreams[0] + ";"},
+		{"~^b\\.      127.0.0.1:8004;", "~^b\\.      " + upstreams[1] + ";"},
 		{"listen 443 ssl;", "listen 127.0.0.1:" + port + " ssl;"},
 		{"/etc/ssl/ccexecutor/fullchain.pem", certFile},
 		{"/etc/ssl/ccexecutor/privkey.pem", keyFile},
