@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"encoding/binary"
 	"log/slog"
+	"net/http"
+	"net/url"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -164,5 +167,27 @@ func TestPongWithoutAck(t *testing.T) {
 		if n, _ := logs.count(warning); n != row.want {
 			t.Errorf("after a Pong of %q: %d warnings, want %d", row.pong, n, row.want)
 		}
+	}
+}
+
+// TestInstanceToken checks that a server with an Instance name puts it at the head of its
+// resume tokens, which a proxy routes by, and that such a token reattaches.
+func TestInstanceToken(t *testing.T) {
+	ts := newTestServer(t, Config{ReattachWindow: time.Minute, Instance: "east-1"})
+	connected := regexp.MustCompile(`"session_id":"([^"]+)".*"resume_token":"(east-1\.[0-9a-f]{32})"`)
+	c := dial(t, ts.addr)
+	first := connected.FindStringSubmatch(c.next().raw)
+	if first == nil {
+		t.Fatal("connected has no resume_token east-1.<32 hex digits>")
+	}
+	// A reattach, be it after the server noticed the loss or a takeover before it.
+	query := url.Values{"session_id": {first[1]}, "resume": {first[2]}, "received": {"0"}}
+	r, resp, err := dialTarget(t, ts.addr, "/ws/mcp?"+query.Encode(), nil, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("reattach: %v %v", resp, err)
+	}
+	got := r.next().raw
+	if m := connected.FindStringSubmatch(got); m == nil || m[1] != first[1] || m[2] == first[2] {
+		t.Fatalf("reattach: %s; want connected to session %s with a new east-1 token", got, first[1])
 	}
 }
