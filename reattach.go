@@ -103,6 +103,12 @@ func newToken(instance string) string {
 // every case, so that a guess learns nothing.
 var errUnknownResume = errors.New("unknown session or token")
 
+// A positionError refuses a reattach from a count of messages received that the replay cannot
+// serve.
+type positionError struct{ msg string }
+
+func (e *positionError) Error() string { return e.msg }
+
 // A replay holds the messages a session sent that the client has not acknowledged, for a
 // client that reattaches. It belongs to the session's writer. Messages are counted from 1
 // across the session's connections; a batch of n messages is held as it was written, copied.
@@ -173,9 +179,9 @@ func (r *replay) ack(n uint64) {
 func (r *replay) since(n uint64) ([]*batch, error) {
 	switch {
 	case n > r.sent:
-		return nil, fmt.Errorf("received %d but only %d messages were sent", n, r.sent)
+		return nil, &positionError{fmt.Sprintf("received %d but only %d messages were sent", n, r.sent)}
 	case n < r.dropped:
-		return nil, fmt.Errorf("messages up to %d were acknowledged and are no longer held", r.dropped)
+		return nil, &positionError{fmt.Sprintf("messages up to %d were acknowledged and are no longer held", r.dropped)}
 	}
 	var out []*batch
 	for i := range r.held {

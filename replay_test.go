@@ -3,10 +3,12 @@ package ccexecutor
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"net/url"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -189,5 +191,27 @@ func TestInstanceToken(t *testing.T) {
 	got := r.next().raw
 	if m := connected.FindStringSubmatch(got); m == nil || m[1] != first[1] || m[2] == first[2] {
 		t.Fatalf("reattach: %s; want connected to session %s with a new east-1 token", got, first[1])
+	}
+}
+
+// TestRefusedPositionsLogKey checks that reattaches refused for their position, whose messages
+// have numbers in them, share one key of the refusal log's rate limit, which keeps every key
+// for good: else each number would add one.
+func TestRefusedPositionsLogKey(t *testing.T) {
+	ts := newTestServer(t, Config{ReattachWindow: time.Minute})
+	c := rattach(t, ts.addr)
+	for i := range 20 {
+		n := 1000 + i
+		assertResumeRefused(t, ts.addr, c.id, c.token, strconv.Itoa(n), fmt.Sprintf("received %d but only 0 messages were sent", n))
+	}
+	ts.refused.limit.mu.Lock()
+	defer ts.refused.limit.mu.Unlock()
+	for key := range ts.refused.limit.keys {
+		if strings.Contains(key, "received") {
+			t.Errorf("refusal log key %q: want a key without the numbers", key)
+		}
+	}
+	if _, ok := ts.refused.limit.keys["position not held"]; !ok {
+		t.Errorf("refusal log keys %v: want position not held", ts.refused.limit.keys)
 	}
 }

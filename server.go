@@ -488,16 +488,21 @@ func (s *Server) own(ss *session, a *attachment) {
 // reattach serves a handshake that presents a resume token: it attaches the connection to its
 // session, or refuses it with -32004 and close status 1008.
 func (s *Server) reattach(c *conn, remote string, q url.Values) {
-	refuse := func(reason string) {
+	// refuse refuses the reattach for reason; the log's rate limit counts it under key, or
+	// under reason when key is empty: its keys must be a fixed set.
+	refuse := func(reason, key string) {
 		s.metrics.refuse(refuseResume)
 		msg, _ := marshal("Resume refused: " + reason)
 		b := appendFrame(nil, opText, []byte(`{"jsonrpc":"2.0","error":{"code":-32004,"message":`+string(msg)+`,"data":null}}`))
 		c.Write(appendFrame(b, opClose, closePayload(1008, "Resume refused")))
-		s.refused.warn("reattach refused", reason, "remote", remote, "close_code", 1008)
+		if key == "" {
+			key = reason
+		}
+		s.refused.warn("reattach refused", key, "remote", remote, "close_code", 1008, "detail", reason)
 		c.linger(s.cfg.WriteWait)
 	}
 	if s.cfg.ReattachWindow <= 0 {
-		refuse("reattach is not enabled")
+		refuse("reattach is not enabled", "")
 		return
 	}
 	a := newAttachment(c, remote)
@@ -505,23 +510,27 @@ func (s *Server) reattach(c *conn, remote string, q url.Values) {
 	if r := q.Get("received"); r != "" {
 		var err error
 		if a.received, err = strconv.ParseUint(r, 10, 64); err != nil {
-			refuse("invalid received")
+			refuse("invalid received", "")
 			return
 		}
 	}
 	ss := s.sessions.lookup(q.Get("session_id"))
 	if ss == nil {
-		refuse(errUnknownResume.Error())
+		refuse(errUnknownResume.Error(), "")
 		return
 	}
 	select {
 	case ss.resume <- a: // serve answers on a.reply
 	case <-ss.ctx.Done():
-		refuse(errUnknownResume.Error())
+		refuse(errUnknownResume.Error(), "")
 		return
 	}
 	if err := <-a.reply; err != nil {
-		refuse(err.Error())
+		key := ""
+		if _, ok := err.(*positionError); ok {
+			key = "position not held" // its message has numbers in it
+		}
+		refuse(err.Error(), key)
 		return
 	}
 	s.metrics.reattached.Add(1)
