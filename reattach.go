@@ -12,8 +12,9 @@ import (
 )
 
 // An attachment is one connection of a session. A session has one at a time, or none while it
-// is detached (see PROTOCOL.md, Reattach). Each has an owner goroutine, the HTTP handler of its
-// connection, which runs its readLoop, then waits until the session releases it, and closes the
+// is detached (see PROTOCOL.md, Reattach). Each has an owner goroutine (Server.own: the HTTP
+// handler of a reattach, or for a session's first connection one that its handler starts),
+// which runs its readLoop, then waits until the session releases it, and closes the
 // connection: so a connection is closed only once the session writes to it no more.
 type attachment struct {
 	conn   *conn
