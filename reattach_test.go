@@ -10,7 +10,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -665,22 +664,11 @@ func TestReattach(t *testing.T) {
 		)
 		logs := newLogWatch()
 		ts := newTestServer(t, reattachConfig(t, Config{ReattachBuffer: buffer, PingInterval: 300 * time.Millisecond, WriteWait: time.Second, Logger: slog.New(logs)}, time.Minute))
-		p := newCutProxy(t, ts.addr)
-		c := rattach(t, p.addr())
 		// The client gets the first 3000 bytes: what the server holds then is nearly all of
 		// what it sent.
-		l := p.last()
-		l.cutAfter(3000, cutHole)
-		c.calls++
-		c.send(map[string]any{"jsonrpc": "2.0", "method": "execute", "params": map[string]any{"command": fmt.Sprintf("exec seq -f %%0999g 1 %d", lines)}, "id": "1"})
-		c.readUntilLost(l)
+		c, p, pid := runIntoHole(t, ts, logs, lines)
 		waitDetached(t, logs, 1)
 		n := c.received
-		pids := logs.attrs("run started", "pid")
-		if len(pids) != 1 {
-			t.Fatalf("runs started: %q", pids)
-		}
-		pid, _ := strconv.Atoi(pids[0])
 		wrote := waitPipeFull(t, pid) // the run waits
 		c.reattach(p.addr())
 		if err := c.readUntilCompleted(); err != nil {
@@ -795,18 +783,7 @@ func TestReattach(t *testing.T) {
 		const lines = 20000 // of 1000 bytes: more than the socket buffers and the pipe hold
 		logs := newLogWatch()
 		ts := newTestServer(t, reattachConfig(t, Config{ReattachBuffer: 64 << 20, WriteWait: time.Minute, PingInterval: time.Minute, Logger: slog.New(logs)}, time.Minute))
-		p := newCutProxy(t, ts.addr)
-		c := rattach(t, p.addr())
-		l := p.last()
-		l.cutAfter(3000, cutHole)
-		c.calls++
-		c.send(map[string]any{"jsonrpc": "2.0", "method": "execute", "params": map[string]any{"command": fmt.Sprintf("exec seq -f %%0999g 1 %d", lines)}, "id": "1"})
-		c.readUntilLost(l)
-		pids := logs.attrs("run started", "pid")
-		if len(pids) != 1 {
-			t.Fatalf("runs started: %q", pids)
-		}
-		pid, _ := strconv.Atoi(pids[0])
+		c, p, pid := runIntoHole(t, ts, logs, lines)
 		waitPipeFull(t, pid)
 		c.reattach(p.addr()) // waits 20 s at most for connected
 		if err := c.readUntilCompleted(); err != nil {
@@ -1076,6 +1053,27 @@ func (c *rclient) awaitAck(n int64) {
 	}
 }
 
+// runIntoHole starts `seq -f %0999g 1 lines`, lines of 1000 bytes, on a session of ts through a
+// cutProxy that black-holes the connection after 3000 bytes from the server, and reads until
+// the client notices. It returns the client, the proxy and the PID of the run, which logs saw
+// start.
+func runIntoHole(t *testing.T, ts *testServer, logs *logWatch, lines int) (*rclient, *cutProxy, int) {
+	t.Helper()
+	p := newCutProxy(t, ts.addr)
+	c := rattach(t, p.addr())
+	l := p.last()
+	l.cutAfter(3000, cutHole)
+	c.calls++
+	c.send(map[string]any{"jsonrpc": "2.0", "method": "execute", "params": map[string]any{"command": fmt.Sprintf("exec seq -f %%0999g 1 %d", lines)}, "id": "1"})
+	c.readUntilLost(l)
+	pids := logs.attrs("run started", "pid")
+	if len(pids) != 1 {
+		t.Fatalf("runs started: %q", pids)
+	}
+	pid, _ := strconv.Atoi(pids[0])
+	return c, p, pid
+}
+
 // waitPipeFull waits until process pid sleeps writing to its stdout, and that pipe, which this
 // process reads, has no room for another page: nobody takes the run's output, and the run waits
 // on its pipe. It fails the test if pid ends first, since a run whose output nobody takes must
@@ -1161,18 +1159,7 @@ func BenchmarkReattachBuffer(b *testing.B) {
 	for _, buffer := range []int{64 << 10, ReattachBuffer} {
 		b.Run(fmt.Sprintf("buffer=%d", buffer), func(b *testing.B) {
 			logs := newLogWatch()
-			srv := NewServer(Config{ReattachWindow: time.Hour, ReattachBuffer: buffer, MaxSessions: b.N + 1,
-				Logger: slog.New(logs), Cgroup: os.Getenv(testCgroupEnv)})
-			hs := httptest.NewServer(srv)
-			b.Cleanup(func() {
-				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-				defer cancel()
-				if err := srv.Shutdown(ctx); err != nil {
-					b.Errorf("Shutdown: %v", err)
-				}
-				hs.Close()
-			})
-			addr := hs.Listener.Addr().String()
+			addr := newTestServer(b, Config{ReattachWindow: time.Hour, ReattachBuffer: buffer, MaxSessions: b.N + 1, Logger: slog.New(logs)}).addr
 			var before, after runtime.MemStats
 			runtime.GC()
 			runtime.ReadMemStats(&before)
