@@ -67,11 +67,19 @@ const (
 // refuse counts a request refused for reason, one of the refuse constants.
 func (m *metrics) refuse(reason int) { m.refused[reason].Add(1) }
 
-// detach counts a session that lost its connection (d = 1) or got one again or ended (d = -1).
+// detach counts a session that lost its connection (d = 1), or that ended without one (d = -1).
 func (m *metrics) detach(d int64) {
 	m.detached.Add(d)
 	if d > 0 {
 		m.detaches.Add(1)
+	}
+}
+
+// reattach counts a reattach, of a detached session or a takeover of a live one.
+func (m *metrics) reattach(detached bool) {
+	m.reattached.Add(1)
+	if detached {
+		m.detached.Add(-1)
 	}
 }
 

@@ -466,7 +466,8 @@ func BenchmarkMetricsOutput(b *testing.B) {
 
 // TestMetricsReattach checks what /health and /metrics say of detached sessions: a session that
 // lost its connection counts in active_sessions and in detached_sessions until it reattaches,
-// and each detach, reattach and refused reattach is counted. Without a window /health has no
+// and each detach, reattach (a takeover too) and refused reattach is counted, before the client
+// reads connected. Without a window /health has no
 // detached_sessions.
 func TestMetricsReattach(t *testing.T) {
 	logs := newLogWatch()
@@ -500,6 +501,10 @@ func TestMetricsReattach(t *testing.T) {
 	want("refused", 1, 1, map[string]float64{detaches: 1, reattaches: 0, refusals: 1})
 	c.reattach(p.addr())
 	want("reattached", 1, 0, map[string]float64{detaches: 1, reattaches: 1, refusals: 1})
+	// A takeover of the live connection, which stays open until then: no session was detached.
+	next := &rclient{t: t, id: c.id, token: c.token, tokens: c.tokens, received: c.received}
+	next.reattach(p.addr())
+	want("taken over", 1, 0, map[string]float64{detaches: 1, reattaches: 2, refusals: 1})
 
 	if h := health(t, newTestServer(t, Config{})); h.Detached != nil {
 		t.Errorf("without a window /health says detached_sessions %d; want no such key", *h.Detached)

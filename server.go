@@ -533,7 +533,6 @@ func (s *Server) reattach(c *conn, remote string, q url.Values) {
 		refuse(err.Error(), key)
 		return
 	}
-	s.metrics.reattached.Add(1)
 	s.own(ss, a)
 }
 

@@ -183,9 +183,8 @@ func (s *session) serve(a *attachment) {
 				a.reply <- errUnknownResume
 				break
 			}
-			if s.reattach(a) && expire != nil {
-				expire = nil
-				s.srv.metrics.detach(-1)
+			if s.reattach(a) {
+				expire = nil // writeLoop counted it before it wrote connected
 			}
 		case <-expire:
 			s.log("reattach window passed")
@@ -231,13 +230,14 @@ type attachOrder struct {
 	connected *batch
 	done      chan error
 	resume    bool // a reattach, which writeLoop refuses once the session has ended
+	detached  bool // a reattach of a detached session, not a takeover
 }
 
 // attach makes a the session's connection: writeLoop takes it over from the one before, if
 // any, and replays what was sent after the first from messages. resume is false for the
 // session's first connection. It reports whether a is attached.
 func (s *session) attach(a *attachment, from uint64, resume bool) bool {
-	o := attachOrder{a, from, s.connected(), make(chan error, 1), resume}
+	o := attachOrder{a, from, s.connected(), make(chan error, 1), resume, resume && s.att == nil}
 	select {
 	case s.attachc <- o: // writeLoop takes it between two writes
 	case <-s.flushed: // the session ended with no connection
@@ -521,6 +521,9 @@ func (s *session) writeLoop() {
 			if att != nil { // taken over
 				att.conn.Write(closeFrame(4001, "Session taken over by another connection").frames)
 				att.release()
+			}
+			if o.resume { // counted before connected goes out: whoever has read it sees the count
+				s.srv.metrics.reattach(o.detached)
 			}
 			o.done <- nil
 			att, wrote, last, pinged = o.a, true, time.Now(), time.Time{}
