@@ -82,37 +82,40 @@ func TestSessionLocking(t *testing.T) {
 	// Shutdown sets the registry's closing flag and reads its map while handlers add and remove
 	// sessions: without the lock in registry.close, or in remove, the race detector reports it
 	// here. Each client connects again and again, in the cycles of the rows above, until the
-	// server refuses it; Shutdown comes once each has had a session.
-	t.Run("Shutdown while sessions come and go", func(t *testing.T) {
-		ts := newTestServer(t, Config{KillGrace: time.Second})
-		const clients = 8
-		var admitted, wg sync.WaitGroup
-		admitted.Add(clients)
-		for w := range clients {
-			wg.Go(func() { // returns once the server refuses a connection: it is shutting down
-				first := true
-				for i := w; ; i += clients {
-					if !cycleUntilShutdown(t, ts, i) {
-						return
+	// server refuses it; Shutdown comes once each has had a session. Every session admitted
+	// gets connected, or close 1001; with a reattach window too, whose sessions end otherwise.
+	for _, window := range []time.Duration{0, time.Minute} {
+		t.Run(fmt.Sprintf("Shutdown while sessions come and go/window=%v", window), func(t *testing.T) {
+			ts := newTestServer(t, Config{KillGrace: time.Second, ReattachWindow: window})
+			const clients = 8
+			var admitted, wg sync.WaitGroup
+			admitted.Add(clients)
+			for w := range clients {
+				wg.Go(func() { // returns once the server refuses a connection: it is shutting down
+					first := true
+					for i := w; ; i += clients {
+						if !cycleUntilShutdown(t, ts, i) {
+							return
+						}
+						if first {
+							admitted.Done()
+							first = false
+						}
 					}
-					if first {
-						admitted.Done()
-						first = false
-					}
-				}
-			})
-		}
-		admitted.Wait()
-		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-		defer cancel()
-		if err := ts.Shutdown(ctx); err != nil {
-			t.Errorf("Shutdown: %v", err)
-		}
-		if n := ts.sessions.len(); n != 0 {
-			t.Errorf("%d sessions left after Shutdown returned, want 0", n)
-		}
-		wg.Wait()
-	})
+				})
+			}
+			admitted.Wait()
+			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+			defer cancel()
+			if err := ts.Shutdown(ctx); err != nil {
+				t.Errorf("Shutdown: %v", err)
+			}
+			if n := ts.sessions.len(); n != 0 {
+				t.Errorf("%d sessions left after Shutdown returned, want 0", n)
+			}
+			wg.Wait()
+		})
+	}
 }
 
 // cycleUntilShutdown connects to ts and runs the i-th of TestSessionLocking's cycles (a run to

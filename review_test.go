@@ -1,11 +1,14 @@
 package ccexecutor
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"testing"
 	"time"
 )
@@ -178,5 +181,43 @@ func TestRequestsPastTheReplay(t *testing.T) {
 	}
 	if causes := logs.attrs("run ended", "cause"); len(causes) != 1 || causes[0] != "client disconnected" {
 		t.Errorf("run ended with causes %q, want client disconnected", causes)
+	}
+}
+
+// TestShutdownAtAdmission starts a session whose Shutdown began between its admission and its
+// first write: the client gets connected, then close 1001, with a reattach window as without.
+// With a window, writeLoop waited for the first connection and for the session's end at once,
+// and took the end about half the time: the client got neither. A pipe stands in for the
+// socket, since no handshake can land in that moment on purpose; each row tries 20 times.
+func TestShutdownAtAdmission(t *testing.T) {
+	for _, window := range []time.Duration{0, time.Minute} {
+		t.Run(fmt.Sprintf("window=%v", window), func(t *testing.T) {
+			for try := range 20 {
+				ts := newTestServer(t, Config{ReattachWindow: window})
+				ss := ts.newSession("pipe")
+				if err := ts.sessions.add(ss); err != nil {
+					t.Fatal(err)
+				}
+				shut := make(chan error, 1)
+				go func() { shut <- ts.Shutdown(t.Context()) }() // returns once ss has ended
+				<-ss.ctx.Done()
+				near, far := net.Pipe()
+				c := newConn(far, time.Second)
+				c.in = bufio.NewReader(c)
+				go ts.serveSession(ss, newAttachment(c, "pipe"))
+
+				cl := &client{t: t, c: near, br: bufio.NewReader(near)}
+				m, err := cl.read()
+				if err != nil || m.Method != "connected" {
+					t.Fatalf("try %d: first frame %q, %v (close %d); want connected", try, m.raw, err, cl.closed.code)
+				}
+				if _, err := cl.read(); err != io.EOF || cl.closed.code != 1001 {
+					t.Fatalf("try %d: after connected: %v, close %d; want close 1001", try, err, cl.closed.code)
+				}
+				if err := <-shut; err != nil {
+					t.Fatalf("Shutdown: %v", err)
+				}
+			}
+		})
 	}
 }

@@ -422,22 +422,8 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 		s.reattach(c, remote, q)
 		return
 	}
-	ss := &session{
-		id:      newUUID(),
-		srv:     s,
-		remote:  remote,
-		in:      make(chan inFrame),
-		out:     make(chan *batch, queueLen),
-		attachc: make(chan attachOrder),
-		resume:  make(chan *attachment),
-		failed:  make(chan struct{}),
-		ended:   make(chan runResult, 1),
-		flushed: make(chan struct{}),
-	}
-	// Before add, which makes ss reachable by a reattach that reads ctx.
-	ss.ctx, ss.cancel = context.WithCancelCause(s.ctx)
+	ss := s.newSession(remote)
 	defer ss.cancel(nil)
-	ss.log = func(msg string, args ...any) { s.log.Info(msg, append([]any{"session", ss.id}, args...)...) }
 	switch err := s.sessions.add(ss); err {
 	case nil:
 		s.metrics.admitted.Add(1)
@@ -456,7 +442,32 @@ func (s *Server) serveConn(ws *websocket.Conn, c *conn) {
 		return
 	}
 	ss.log("session opened", "remote", remote)
-	a := newAttachment(c, remote)
+	s.serveSession(ss, newAttachment(c, remote))
+}
+
+// newSession returns a session for a client at remote, not yet admitted.
+func (s *Server) newSession(remote string) *session {
+	ss := &session{
+		id:      newUUID(),
+		srv:     s,
+		remote:  remote,
+		in:      make(chan inFrame),
+		out:     make(chan *batch, queueLen),
+		attachc: make(chan attachOrder),
+		resume:  make(chan *attachment),
+		failed:  make(chan struct{}),
+		ended:   make(chan runResult, 1),
+		flushed: make(chan struct{}),
+	}
+	// Before add, which makes ss reachable by a reattach that reads ctx.
+	ss.ctx, ss.cancel = context.WithCancelCause(s.ctx)
+	ss.log = func(msg string, args ...any) { s.log.Info(msg, append([]any{"session", ss.id}, args...)...) }
+	return ss
+}
+
+// serveSession serves ss, admitted, on its first connection, a, until the session ends, then
+// frees its slot and closes its connection.
+func (s *Server) serveSession(ss *session, a *attachment) {
 	go s.own(ss, a) // returns once the session releases a, below or when it leaves it
 	ss.serve(a)
 	ss.cancel(nil)

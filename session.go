@@ -422,6 +422,41 @@ func (s *session) writeLoop() {
 		}
 		return err == nil || lose(dropReason(att.conn, err))
 	}
+	// take makes o's the connection written to, unless it is refused, and reports whether
+	// writeLoop goes on.
+	take := func(o attachOrder) bool {
+		if o.resume && s.ctx.Err() != nil {
+			o.done <- errUnknownResume // what was sent since the session ended is not held
+			return true
+		}
+		var replayed []*batch
+		if rb != nil {
+			var err error
+			if replayed, err = rb.since(o.from); err != nil {
+				o.done <- err
+				return true
+			}
+		}
+		if att != nil { // taken over
+			att.conn.Write(closeFrame(4001, "Session taken over by another connection").frames)
+			att.release()
+		}
+		if o.resume { // counted before connected goes out: whoever has read it sees the count
+			s.srv.metrics.reattach(o.detached)
+		}
+		o.done <- nil
+		att, wrote, last, pinged = o.a, true, time.Now(), time.Time{}
+		err := att.conn.writeBatches(append([]*batch{o.connected}, replayed...), &bufs, &scratch)
+		if err == nil && rb != nil && rb.bytes > 0 {
+			_, err = att.conn.Write(ping()) // the replay may have filled the buffer: free it at once
+		}
+		return err == nil || lose(dropReason(att.conn, err))
+	}
+	// The session's first connection comes first, even if the session has ended meanwhile
+	// (a Shutdown): its client gets connected, then why the session ends.
+	if !take(<-s.attachc) {
+		return
+	}
 	for {
 		// Once the session ends no reattach can come: what is sent is no longer held, and no
 		// longer waits for a Pong to free room, which a client that closed will not send.
@@ -506,32 +541,7 @@ func (s *session) writeLoop() {
 				return
 			}
 		case o := <-s.attachc:
-			if o.resume && !holding {
-				o.done <- errUnknownResume // what was sent since the session ended is not held
-				continue
-			}
-			var replayed []*batch
-			if rb != nil {
-				var err error
-				if replayed, err = rb.since(o.from); err != nil {
-					o.done <- err
-					continue
-				}
-			}
-			if att != nil { // taken over
-				att.conn.Write(closeFrame(4001, "Session taken over by another connection").frames)
-				att.release()
-			}
-			if o.resume { // counted before connected goes out: whoever has read it sees the count
-				s.srv.metrics.reattach(o.detached)
-			}
-			o.done <- nil
-			att, wrote, last, pinged = o.a, true, time.Now(), time.Time{}
-			err := att.conn.writeBatches(append([]*batch{o.connected}, replayed...), &bufs, &scratch)
-			if err == nil && rb != nil && rb.bytes > 0 {
-				_, err = att.conn.Write(ping()) // the replay may have filled the buffer: free it at once
-			}
-			if err != nil && !lose(dropReason(att.conn, err)) {
+			if !take(o) {
 				return
 			}
 		case <-dead:
