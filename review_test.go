@@ -184,6 +184,22 @@ func TestRequestsPastTheReplay(t *testing.T) {
 	}
 }
 
+// pipeSession admits a session of ts whose first connection is a pipe, not a socket, and
+// returns it with the pipe's server end, and a client on the other end. The caller starts it
+// with ts.serveSession(ss, newAttachment(c, "pipe")), when it likes.
+func pipeSession(t *testing.T, ts *testServer) (ss *session, c *conn, cl *client) {
+	t.Helper()
+	ss = ts.newSession("pipe")
+	if err := ts.sessions.add(ss); err != nil {
+		t.Fatal(err)
+	}
+	near, far := net.Pipe()
+	t.Cleanup(func() { near.Close() }) // before ts's Shutdown: a pipe's write waits for its reader
+	c = newConn(far, ts.cfg.WriteWait)
+	c.in = bufio.NewReader(c)
+	return ss, c, &client{t: t, c: near, br: bufio.NewReader(near)}
+}
+
 // TestShutdownAtAdmission starts a session whose Shutdown began between its admission and its
 // first write: the client gets connected, then close 1001, with a reattach window as without.
 // With a window, writeLoop waited for the first connection and for the session's end at once,
@@ -194,19 +210,12 @@ func TestShutdownAtAdmission(t *testing.T) {
 		t.Run(fmt.Sprintf("window=%v", window), func(t *testing.T) {
 			for try := range 20 {
 				ts := newTestServer(t, Config{ReattachWindow: window})
-				ss := ts.newSession("pipe")
-				if err := ts.sessions.add(ss); err != nil {
-					t.Fatal(err)
-				}
+				ss, c, cl := pipeSession(t, ts)
 				shut := make(chan error, 1)
 				go func() { shut <- ts.Shutdown(t.Context()) }() // returns once ss has ended
 				<-ss.ctx.Done()
-				near, far := net.Pipe()
-				c := newConn(far, time.Second)
-				c.in = bufio.NewReader(c)
 				go ts.serveSession(ss, newAttachment(c, "pipe"))
 
-				cl := &client{t: t, c: near, br: bufio.NewReader(near)}
 				m, err := cl.read()
 				if err != nil || m.Method != "connected" {
 					t.Fatalf("try %d: first frame %q, %v (close %d); want connected", try, m.raw, err, cl.closed.code)
@@ -220,4 +229,21 @@ func TestShutdownAtAdmission(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRefusedTakeoverKeepsWriteWait refuses a takeover of a live connection for its position:
+// a takeover shortens the live connection's write deadline to takeoverWait, and one refused
+// gives the connection its WriteWait back, which the pipe's conn shows. The session goes on.
+func TestRefusedTakeoverKeepsWriteWait(t *testing.T) {
+	const wait = 7 * time.Second
+	ts := newTestServer(t, reattachConfig(t, Config{WriteWait: wait}, time.Minute))
+	ss, c, cl := pipeSession(t, ts)
+	go ts.serveSession(ss, newAttachment(c, "pipe"))
+	rc := &rclient{t: t, client: cl}
+	rc.expectConnected()
+	assertResumeRefused(t, ts.addr, rc.id, rc.token, "5", "received 5 but only 0 messages were sent")
+	if got := time.Duration(c.wait.Load()); got != wait {
+		t.Errorf("the live connection's write wait after a refused takeover: %v, want %v", got, wait)
+	}
+	rc.runEcho()
 }
