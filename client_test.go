@@ -89,6 +89,8 @@ type client struct {
 	id       int
 	backlog  []msg // notifications read while waiting for something else
 	closeErr error // how the connection ended, for readUntil
+	pong     bool  // answer every Ping with a Pong, as WebSocket libraries do on their own; read skips them otherwise
+	pings    int   // Pings answered
 	closed   struct {
 		code   int // status of the close frame received, or 0
 		reason string
@@ -259,6 +261,13 @@ func (c *client) read() (msg, error) {
 				c.closed.code, c.closed.reason = int(binary.BigEndian.Uint16(p)), string(p[2:])
 			}
 			return msg{}, io.EOF
+		case op == 0x9 && c.pong:
+			c.pings++
+			c.c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			if _, err := c.c.Write(maskedFrame(0xa, p)); err != nil {
+				return msg{}, err
+			}
+			continue
 		case op == 0x9 || op == 0xa:
 			continue
 		}

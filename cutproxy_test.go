@@ -16,9 +16,10 @@ import (
 // cutProxy forwards every TCP connection it accepts on 127.0.0.1 to target, and cuts a
 // connection the two ways networks lose them: a reset, sent to both ends at once, or a black
 // hole, in which nothing more is forwarded either way while both sockets stay open until the
-// test ends, as a peer that vanished without a FIN or a reset looks. A cut happens on demand, or
+// test ends, as a peer that vanished without a FIN or a reset looks. A cut happens on demand,
 // once exactly a given number of bytes from the server has been forwarded to the client, so
-// that a test places it in the middle of a frame without a clock.
+// that a test places it in the middle of a frame without a clock, or once no byte has passed
+// either way for a while, as a NAT table or a proxy with an idle timeout drops a connection.
 type cutProxy struct {
 	ln     net.Listener
 	target string
@@ -49,6 +50,7 @@ type link struct {
 	hole           chan struct{}   // closed when the cut is a black hole
 	once           sync.Once
 	down           atomic.Int64 // bytes forwarded from the server to the client
+	last           atomic.Int64 // when a byte last passed either way, in Unix nanoseconds
 
 	mu    sync.Mutex
 	after int64   // with mode, cut once down reaches after
@@ -103,6 +105,7 @@ func (p *cutProxy) accept() {
 		}
 		l := &link{client: in.(*net.TCPConn), server: out.(*net.TCPConn), done: p.done,
 			cut: make(chan struct{}), hole: make(chan struct{})}
+		l.last.Store(time.Now().UnixNano())
 		p.mu.Lock()
 		p.links = append(p.links, l)
 		p.mu.Unlock()
@@ -117,6 +120,29 @@ func (l *link) cutAfter(n int64, mode cutMode) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.after, l.mode = l.down.Load()+n, mode
+}
+
+// cutIdle resets the link once no byte has passed either way for idle, checked every idle/8,
+// and returns a channel closed when it did.
+func (p *cutProxy) cutIdle(l *link, idle time.Duration) <-chan struct{} {
+	dropped := make(chan struct{})
+	p.wg.Go(func() { // returns once it cut the link, or at the end of the test
+		tick := time.NewTicker(idle / 8)
+		defer tick.Stop()
+		for {
+			select {
+			case <-p.done:
+				return
+			case now := <-tick.C:
+				if now.Sub(time.Unix(0, l.last.Load())) >= idle {
+					close(dropped)
+					l.cutWith(cutReset)
+					return
+				}
+			}
+		}
+	})
+	return dropped
 }
 
 // cutNow cuts the link at once.
@@ -170,6 +196,7 @@ func (l *link) forward(dst, src *net.TCPConn, down bool) {
 			n, mode = l.allow(n)
 		}
 		if n > 0 {
+			l.last.Store(time.Now().UnixNano())
 			if _, werr := dst.Write(buf[:n]); werr != nil && err == nil {
 				err = werr
 			}

@@ -3,17 +3,12 @@ package ccexecutor
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
-	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -34,8 +29,10 @@ func TestKeepAlive(t *testing.T) {
 		for _, row := range rows {
 			t.Run(row.name, func(t *testing.T) {
 				ts := newTestServer(t, Config{PingInterval: row.ping, KillGrace: 200 * time.Millisecond})
-				p := newProxy(t, ts.addr, 400*time.Millisecond)
-				c := &pongClient{client: dial(t, p.addr())}
+				p := newCutProxy(t, ts.addr)
+				c := dial(t, p.addr())
+				c.pong = true
+				dropped := p.cutIdle(p.last(), 400*time.Millisecond)
 				c.connected()
 				if r := c.call("execute", map[string]any{"command": "sleep 1; echo done"}); r.Error != nil {
 					t.Fatalf("execute: %s", r.raw)
@@ -48,7 +45,7 @@ func TestKeepAlive(t *testing.T) {
 							t.Fatalf("after output %q and %d pings: %v", out, c.pings, err)
 						}
 						select {
-						case <-p.dropped:
+						case <-dropped:
 						default:
 							t.Errorf("connection ended (%v), but not by the proxy", err)
 						}
@@ -89,14 +86,14 @@ func TestKeepAlive(t *testing.T) {
 				t.Parallel()
 				logs := newLogWatch()
 				ts := newTestServer(t, Config{PingInterval: 100 * time.Millisecond, KillGrace: 200 * time.Millisecond, Logger: slog.New(logs)})
-				p := newProxy(t, ts.addr, 0)
+				p := newCutProxy(t, ts.addr)
 				c := dial(t, p.addr())
 				c.connected()
 				pgid := 0
 				if row.command != "" {
 					pgid, _ = c.start(row.command, nil)
 				}
-				p.blackhole()
+				p.last().cutNow(cutHole)
 				// 20 ping intervals, plus the kill grace: generous, and bounded.
 				logs.wait(t, "session closed", 1, 2*time.Second+200*time.Millisecond)
 				if pgid != 0 {
@@ -157,154 +154,4 @@ func TestKeepAlive(t *testing.T) {
 			c.close()
 		})
 	})
-}
-
-// pongClient is a client that answers every Ping with a Pong, as WebSocket libraries do on
-// their own; client.read skips Pings without answering them.
-type pongClient struct {
-	*client
-	pings int // Pings answered
-}
-
-// read is client.read, answering Pings.
-func (c *pongClient) read() (msg, error) {
-	for {
-		op, p, err := c.readFrame()
-		switch {
-		case err != nil:
-			return msg{}, err
-		case op == 0x8:
-			if len(p) >= 2 {
-				c.closed.code, c.closed.reason = int(binary.BigEndian.Uint16(p)), string(p[2:])
-			}
-			return msg{}, io.EOF
-		case op == 0x9:
-			c.pings++
-			c.c.SetWriteDeadline(time.Now().Add(5 * time.Second))
-			if _, err := c.c.Write(maskedFrame(0xa, p)); err != nil {
-				return msg{}, err
-			}
-			continue
-		case op == 0xa:
-			continue
-		}
-		m := msg{raw: string(p)}
-		if err := json.Unmarshal(p, &m); err != nil {
-			return msg{}, fmt.Errorf("frame %q: %v", p, err)
-		}
-		return m, nil
-	}
-}
-
-// proxy forwards one TCP connection between a client and target, on 127.0.0.1. With idle > 0
-// it drops the connection once no byte has passed in either direction for idle, as a NAT table
-// or a proxy with an idle timeout does; blackhole makes it stop forwarding in both directions
-// while keeping both sockets open, as a peer that vanished without a FIN or a reset looks.
-type proxy struct {
-	ln      net.Listener
-	target  string
-	idle    time.Duration
-	last    atomic.Int64  // when a byte last passed, in Unix nanoseconds
-	hole    chan struct{} // closed by blackhole
-	dropped chan struct{} // closed when the idle timeout dropped the connection
-	done    chan struct{} // closed when the test ends
-	wg      sync.WaitGroup
-
-	mu    sync.Mutex
-	conns []net.Conn
-}
-
-func newProxy(t *testing.T, target string, idle time.Duration) *proxy {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &proxy{ln: ln, target: target, idle: idle, hole: make(chan struct{}), dropped: make(chan struct{}), done: make(chan struct{})}
-	p.wg.Go(p.accept) // returns once the listener is closed
-	t.Cleanup(func() {
-		close(p.done)
-		ln.Close()
-		p.closeAll()
-		p.wg.Wait()
-	})
-	return p
-}
-
-func (p *proxy) addr() string { return p.ln.Addr().String() }
-
-func (p *proxy) blackhole() { close(p.hole) }
-
-func (p *proxy) closeAll() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, c := range p.conns {
-		c.Close()
-	}
-}
-
-// accept forwards the first connection and closes the listener.
-func (p *proxy) accept() {
-	in, err := p.ln.Accept()
-	p.ln.Close()
-	if err != nil {
-		return
-	}
-	out, err := net.Dial("tcp", p.target)
-	if err != nil {
-		in.Close()
-		return
-	}
-	p.mu.Lock()
-	p.conns = append(p.conns, in, out)
-	p.mu.Unlock()
-	p.last.Store(time.Now().UnixNano())
-	p.wg.Go(func() { p.forward(out, in) }) // returns when either side is closed, or at the end of the test once blackholed
-	p.wg.Go(func() { p.forward(in, out) }) // likewise
-	if p.idle > 0 {
-		p.wg.Go(p.watchIdle) // returns once it dropped the connection, or at the end of the test
-	}
-}
-
-// forward copies src to dst until either fails; once blackholed it drops what it read and
-// stops reading until the test ends.
-func (p *proxy) forward(dst, src net.Conn) {
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := src.Read(buf)
-		select {
-		case <-p.hole:
-			<-p.done
-			return
-		default:
-		}
-		if n > 0 {
-			p.last.Store(time.Now().UnixNano())
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				err = werr
-			}
-		}
-		if err != nil {
-			src.Close()
-			dst.Close()
-			return
-		}
-	}
-}
-
-func (p *proxy) watchIdle() {
-	tick := time.NewTicker(p.idle / 8)
-	defer tick.Stop()
-	for {
-		select {
-		case <-p.done:
-			return
-		case now := <-tick.C:
-			if now.Sub(time.Unix(0, p.last.Load())) >= p.idle {
-				close(p.dropped)
-				p.closeAll()
-				return
-			}
-		}
-	}
 }
