@@ -110,23 +110,36 @@ type positionError struct{ msg string }
 
 func (e *positionError) Error() string { return e.msg }
 
+// replayChunk is the size of the buffers a replay packs messages into, end to end. A message
+// larger than that has a buffer of its own, as a long line's batch has.
+const replayChunk = 64 << 10
+
 // A replay holds the messages a session sent that the client has not acknowledged, for a
 // client that reattaches. It belongs to the session's writer. Messages are counted from 1
-// across the session's connections; a batch of n messages is held as it was written, copied.
+// across the session's connections. What it holds it copies into chunks, each packed with the
+// messages of one batch after another; a batch that overflows a chunk is held as a run of whole
+// messages in each buffer it takes, and the room a chunk's last message leaves counts as held. Chunks are
+// reused, so that a replay that keeps up allocates nothing, and the memory it keeps is what
+// it held at its fullest: its size, the batch that filled it, and two chunks at most.
 type replay struct {
 	max     int           // bytes held at most, but for the last batch
 	held    []replayBatch // in order
 	bytes   int           // the size of held
 	dropped uint64        // messages 1..dropped are acknowledged and no longer held
 	sent    uint64        // messages counted so far
-	spare   [][]byte      // buffers of dropped batches, for reuse
-	spared  int           // their capacity: held and spare together stay within max and a batch
+
+	bufs  [][]byte // the buffers of held, oldest first; messages are packed into the last
+	base  int      // how many buffers were let go before bufs[0]
+	spare [][]byte // chunks no longer used, for reuse
 }
 
+// A replayBatch is a run of whole messages: all of a batch, or a part of one cut between two
+// messages.
 type replayBatch struct {
-	first  uint64 // the count of its first message
-	b      batch
-	buffer []byte // holds b's frames, line and tail
+	first uint64 // the count of its first message
+	b     batch
+	buf   int // the buffer it is in, counted from the replay's first
+	size  int // its bytes, and the room it left at the end of its buffer
 }
 
 // full reports whether the replay holds as much as it may: the writer then takes no more.
@@ -138,41 +151,98 @@ func (r *replay) add(b *batch) {
 	if b.n == 0 {
 		return
 	}
-	size := len(b.frames) + len(b.line) + len(b.tail)
+	if b.line != nil { // a long line's batch, which writeLoop escapes as it writes: whole, in a new buffer
+		buf := r.grow(len(b.frames) + len(b.line) + len(b.tail))
+		frames, line, tail := r.put(buf, b.frames), r.put(buf, b.line), r.put(buf, b.tail)
+		r.hold(batch{frames: frames, line: line, tail: tail, n: b.n})
+		return
+	}
+	for frames := b.frames; len(frames) > 0; {
+		var buf *[]byte
+		if k := len(r.bufs); k > 0 && frameLen(frames) <= cap(r.bufs[k-1])-len(r.bufs[k-1]) {
+			buf = &r.bufs[k-1]
+		} else {
+			buf = r.grow(frameLen(frames))
+		}
+		size, n := 0, 0 // the whole messages that fit
+		for size < len(frames) && size+frameLen(frames[size:]) <= cap(*buf)-len(*buf) {
+			size += frameLen(frames[size:])
+			n++
+		}
+		r.hold(batch{frames: r.put(buf, frames[:size]), n: n})
+		frames = frames[size:]
+	}
+}
+
+// grow adds a buffer with room for need bytes, to pack into from then on, and returns it: a
+// spare chunk, a new one, or a buffer of need bytes if that is more than a chunk. The room the
+// last buffer has left counts as held by the last message in it.
+func (r *replay) grow(need int) *[]byte {
+	if k := len(r.bufs); k > 0 {
+		room := cap(r.bufs[k-1]) - len(r.bufs[k-1])
+		r.held[len(r.held)-1].size += room // the last buffer holds the last message
+		r.bytes += room
+	}
 	var buf []byte
-	if n := len(r.spare); n > 0 && cap(r.spare[n-1]) >= size {
-		buf, r.spare = r.spare[n-1][:0], r.spare[:n-1]
-		r.spared -= cap(buf)
-	} else {
-		buf = make([]byte, 0, size)
+	switch n := len(r.spare); {
+	case need > replayChunk:
+		// Let go of the spare chunks, which this buffer does not use: with them the replay
+		// could hold more than at its fullest.
+		clear(r.spare)
+		r.spare = r.spare[:0]
+		buf = make([]byte, 0, need)
+	case n > 0:
+		buf, r.spare = r.spare[n-1], r.spare[:n-1]
+	default:
+		buf = make([]byte, 0, replayChunk)
 	}
-	buf = append(append(append(buf, b.frames...), b.line...), b.tail...)
-	h := replayBatch{first: r.sent + 1, buffer: buf}
-	h.b.n = b.n
-	h.b.frames = buf[:len(b.frames):len(b.frames)]
-	if b.line != nil {
-		h.b.line = buf[len(b.frames) : len(b.frames)+len(b.line) : len(b.frames)+len(b.line)]
-		h.b.tail = buf[len(b.frames)+len(b.line):]
+	r.bufs = append(r.bufs, buf)
+	return &r.bufs[len(r.bufs)-1]
+}
+
+// put appends p to *buf, which has room for it, and returns the copy, or nil for a nil p.
+func (r *replay) put(buf *[]byte, p []byte) []byte {
+	if p == nil {
+		return nil
 	}
-	r.held = append(r.held, h)
+	start := len(*buf)
+	*buf = append(*buf, p...)
+	return (*buf)[start:len(*buf):len(*buf)]
+}
+
+// hold holds b, whose messages come after those held and are in the last buffer, and counts
+// them.
+func (r *replay) hold(b batch) {
+	size := len(b.frames) + len(b.line) + len(b.tail)
+	r.held = append(r.held, replayBatch{first: r.sent + 1, b: b, buf: r.base + len(r.bufs) - 1, size: size})
 	r.bytes += size
 	r.sent += uint64(b.n)
 }
 
-// ack forgets the batches whose messages are all among the first n.
+// ack forgets the batches whose messages are all among the first n, and lets go of the buffers
+// that no longer hold any; chunks are kept for reuse.
 func (r *replay) ack(n uint64) {
 	i := 0
 	for ; i < len(r.held) && r.held[i].first+uint64(r.held[i].b.n)-1 <= n; i++ {
 		h := &r.held[i]
-		r.bytes -= len(h.buffer)
+		r.bytes -= h.size
 		r.dropped = h.first + uint64(h.b.n) - 1
-		if r.bytes+r.spared+cap(h.buffer) <= r.max {
-			r.spare = append(r.spare, h.buffer)
-			r.spared += cap(h.buffer)
-		}
 		*h = replayBatch{}
 	}
 	r.held = append(r.held[:0], r.held[i:]...)
+	keep := r.base + len(r.bufs) // the first buffer in use: when nothing is held, none is
+	if len(r.held) > 0 {
+		keep = r.held[0].buf
+	}
+	k := keep - r.base
+	for _, buf := range r.bufs[:k] {
+		if cap(buf) == replayChunk {
+			r.spare = append(r.spare, buf[:0])
+		}
+	}
+	left := copy(r.bufs, r.bufs[k:])
+	clear(r.bufs[left:])
+	r.bufs, r.base = r.bufs[:left], keep
 }
 
 // since returns the batches to write to a client that has the first n messages: every message

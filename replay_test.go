@@ -5,9 +5,11 @@ import (
 	"encoding/binary"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -96,28 +98,64 @@ func TestReplay(t *testing.T) {
 	}
 }
 
-// TestReplayBound checks that the replay holds at most its size and a batch, and that its
-// buffers kept for reuse count against that size.
+// TestReplayBound fills a replay until it is full, acknowledges everything, and does it again,
+// with batches of several shapes one after another. The memory it holds, and keeps for reuse
+// once everything is acknowledged, stays within its size, the batch that filled it and two
+// chunks: the room that messages too large for what is left of a chunk leave counts as held,
+// and spare chunks make way for a buffer larger than a chunk.
 func TestReplayBound(t *testing.T) {
-	r := &replay{max: 100 << 10}
-	line := bytes.Repeat([]byte("x"), 1000)
-	for i := 0; !r.full(); i++ {
-		b := &batch{}
-		for range 30 {
-			b.addOutput("stdout", line, 0, uint64(i+1))
-		}
-		r.add(b)
-		if r.bytes > r.max+maxBatch+maxInline {
-			t.Fatalf("%d bytes held, over %d and a batch", r.bytes, r.max)
+	lines := func(n, size int) func() *batch {
+		return func() *batch {
+			b := &batch{}
+			for i := range n {
+				b.addOutput("stdout", bytes.Repeat([]byte("x"), size), 0, uint64(i+1))
+			}
+			return b
 		}
 	}
-	r.ack(r.sent)
-	if r.bytes != 0 || len(r.held) != 0 {
-		t.Fatalf("after acknowledging all: %d bytes in %d batches held", r.bytes, len(r.held))
+	message := func(size int) func() *batch {
+		return func() *batch { return &batch{frames: appendFrame(nil, opText, bytes.Repeat([]byte("m"), size)), n: 1} }
 	}
-	if r.spared > r.max {
-		t.Fatalf("%d bytes kept for reuse, over %d", r.spared, r.max)
+	for _, row := range []struct {
+		name   string
+		phases []func() *batch
+	}{
+		{"lines of 1 KB", []func() *batch{lines(30, 1000)}},
+		{"messages just over half a chunk", []func() *batch{message(replayChunk/2 + 1)}},
+		{"lines, then messages larger than a chunk", []func() *batch{lines(30, 1000), message(2 * replayChunk)}},
+	} {
+		t.Run(row.name, func(t *testing.T) {
+			r := &replay{max: 1 << 20}
+			for _, next := range row.phases {
+				size := 0
+				for !r.full() {
+					b := next()
+					size = len(b.frames)
+					r.add(b)
+				}
+				limit := r.max + size + 2*replayChunk
+				if m := replayMem(r); m > limit {
+					t.Fatalf("%d bytes of buffers for %d bytes held, over %d", m, r.bytes, limit)
+				}
+				r.ack(r.sent)
+				if r.bytes != 0 || len(r.held) != 0 || len(r.bufs) != 0 {
+					t.Fatalf("after acknowledging all: %d bytes in %d batches and %d buffers held", r.bytes, len(r.held), len(r.bufs))
+				}
+				if m := replayMem(r); m > limit {
+					t.Fatalf("%d bytes kept for reuse, over %d", m, limit)
+				}
+			}
+		})
 	}
+}
+
+// replayMem is the memory r's buffers take, spare chunks included.
+func replayMem(r *replay) int {
+	n := 0
+	for _, b := range slices.Concat(r.bufs, r.spare) {
+		n += cap(b)
+	}
+	return n
 }
 
 // written is what the writer sends for b.
@@ -213,5 +251,82 @@ func TestRefusedPositionsLogKey(t *testing.T) {
 	}
 	if _, ok := ts.refused.limit.keys["position not held"]; !ok {
 		t.Errorf("refusal log keys %v: want position not held", ts.refused.limit.keys)
+	}
+}
+
+// TestReplayChunks feeds a replay batches of every shape, as a session might send them: many
+// small messages, messages of a few KB that overflow a chunk, single messages larger than a
+// chunk, and long lines. A client acknowledges some of what is held whenever the replay is
+// full; after every batch a reattach from any position held must get exactly the messages
+// after it, and the memory held stays within the bound.
+func TestReplayChunks(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	r := &replay{max: 256 << 10}
+	var all [][]byte // every message sent, in order
+	biggest := 0     // the largest batch added
+	for i := range 800 {
+		b := &batch{}
+		switch k := rng.IntN(100); {
+		case k < 2: // a long line, which the writer escapes as it writes
+			if !b.addOutput("stdout", bytes.Repeat([]byte("\x01"), maxInlineLine+1+rng.IntN(20000)), 0, uint64(i)) {
+				t.Fatal("the long line was encoded whole")
+			}
+		case k < 6: // one message larger than a chunk
+			b.frames, b.n = appendFrame(nil, opText, bytes.Repeat([]byte("r"), replayChunk+rng.IntN(3*replayChunk))), 1
+		default: // up to 60 lines of up to 4 KB
+			for range 1 + rng.IntN(60) {
+				b.addOutput("stdout", bytes.Repeat([]byte("l"), rng.IntN(4096)), 0, uint64(i))
+			}
+		}
+		for r.full() { // the writer takes nothing more until an acknowledgement frees room
+			r.ack(r.dropped + 1 + rng.Uint64N(r.sent-r.dropped))
+		}
+		biggest = max(biggest, len(b.frames)+len(b.line)+len(b.tail))
+		all = append(all, splitFrames(t, written(b))...)
+		r.add(b)
+		if r.sent != uint64(len(all)) {
+			t.Fatalf("batch %d: sent = %d, want %d", i, r.sent, len(all))
+		}
+		if m, limit := replayMem(r), r.max+biggest+2*replayChunk; m > limit {
+			t.Fatalf("batch %d: %d bytes of buffers, over %d", i, m, limit)
+		}
+		from := r.dropped + rng.Uint64N(r.sent-r.dropped+1)
+		got, err := r.since(from)
+		if err != nil {
+			t.Fatalf("batch %d: since(%d) with %d..%d held: %v", i, from, r.dropped+1, r.sent, err)
+		}
+		var frames [][]byte
+		for _, b := range got {
+			frames = append(frames, splitFrames(t, written(b))...)
+		}
+		if want := all[from:]; !slices.EqualFunc(frames, want, bytes.Equal) {
+			t.Fatalf("batch %d: since(%d) replayed %d messages, not the %d after it", i, from, len(frames), len(want))
+		}
+	}
+	r.ack(r.sent)
+	if r.bytes != 0 || len(r.held) != 0 || len(r.bufs) != 0 || replayMem(r) > r.max+biggest+2*replayChunk {
+		t.Fatalf("after acknowledging all: %d bytes in %d batches and %d buffers held, %d bytes of buffers", r.bytes, len(r.held), len(r.bufs), replayMem(r))
+	}
+}
+
+// TestReplayReuse checks that a replay whose client keeps up allocates nothing: the chunks of
+// the messages acknowledged take the next ones.
+func TestReplayReuse(t *testing.T) {
+	r := &replay{max: 1 << 20}
+	b := &batch{}
+	for i := range 300 { // about 32 KB, a batch of a pump at full speed
+		b.addOutput("stdout", []byte(strconv.Itoa(i)+" a line of output of typical length, 48 bytes\n"), 0, uint64(i))
+	}
+	round := func() { // a quarter of the buffer, as between two Pings, then its acknowledgement
+		for r.bytes < r.max/4 {
+			r.add(b)
+		}
+		r.ack(r.sent)
+	}
+	for range 4 {
+		round()
+	}
+	if n := testing.AllocsPerRun(100, round); n != 0 {
+		t.Errorf("%v allocations per quarter of the buffer sent and acknowledged, want 0", n)
 	}
 }

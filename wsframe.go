@@ -245,14 +245,20 @@ func closePayload(code uint16, reason string) []byte {
 // appendFrameHeader's form.
 func skipFrames(b []byte, k int) []byte {
 	for ; k > 0; k-- {
-		n, h := int(b[1]&0x7f), 2
-		switch n {
-		case 126:
-			n, h = int(binary.BigEndian.Uint16(b[2:])), 4
-		case 127:
-			n, h = int(binary.BigEndian.Uint64(b[2:])), 10
-		}
-		b = b[h+n:]
+		b = b[frameLen(b):]
 	}
 	return b
+}
+
+// frameLen is the length of the frame that b begins with, of appendFrameHeader's form, header
+// and payload.
+func frameLen(b []byte) int {
+	switch n := int(b[1] & 0x7f); n {
+	case 126:
+		return 4 + int(binary.BigEndian.Uint16(b[2:]))
+	case 127:
+		return 10 + int(binary.BigEndian.Uint64(b[2:]))
+	default:
+		return 2 + n
+	}
 }
