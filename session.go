@@ -149,7 +149,7 @@ func (s *session) serve(a *attachment) {
 	if s.reattaching() {
 		s.token = newToken(s.srv.cfg.Instance)
 	}
-	s.attach(a, 0, false)
+	s.attach(a, 0, false) // cannot fail: writeLoop takes the first connection before anything else
 	var expire <-chan time.Time // while detached, the end of the window
 	for s.ctx.Err() == nil {
 		var dead <-chan struct{}
@@ -235,22 +235,19 @@ type attachOrder struct {
 
 // attach makes a the session's connection: writeLoop takes it over from the one before, if
 // any, and replays what was sent after the first from messages. resume is false for the
-// session's first connection. It reports whether a is attached.
-func (s *session) attach(a *attachment, from uint64, resume bool) bool {
+// session's first connection. It returns nil once a is attached, or why it is not.
+func (s *session) attach(a *attachment, from uint64, resume bool) error {
 	o := attachOrder{a, from, s.connected(), make(chan error, 1), resume, resume && s.att == nil}
 	select {
 	case s.attachc <- o: // writeLoop takes it between two writes
 	case <-s.flushed: // the session ended with no connection
-		a.reply <- errUnknownResume
-		return false
+		return errUnknownResume
 	}
 	if err := <-o.done; err != nil {
-		a.reply <- err
-		return false
+		return err
 	}
 	s.att = a
-	a.reply <- nil
-	return true
+	return nil
 }
 
 // takeoverWait is the write deadline of a connection that a reattach takes over: time for the
@@ -258,7 +255,8 @@ func (s *session) attach(a *attachment, from uint64, resume bool) bool {
 const takeoverWait = time.Second
 
 // reattach attaches the connection of a reattach when its token is the session's, and gives it a
-// fresh token: each works once. It reports whether a is attached.
+// fresh token: each works once. It answers on a.reply once the session is as it will stay, and
+// reports whether a is attached.
 func (s *session) reattach(a *attachment) bool {
 	if subtle.ConstantTimeCompare([]byte(a.token), []byte(s.token)) != 1 {
 		a.reply <- errUnknownResume
@@ -271,15 +269,17 @@ func (s *session) reattach(a *attachment) bool {
 	}
 	token := s.token
 	s.token = newToken(s.srv.cfg.Instance)
-	if !s.attach(a, a.received, true) {
+	err := s.attach(a, a.received, true)
+	if err != nil {
 		s.token = token // a refused reattach spends nothing
 		if s.att != nil {
 			s.att.conn.setWait(s.srv.cfg.WriteWait) // nor keeps the connection it did not take over in a hurry
 		}
-		return false
+	} else {
+		s.log("session reattached", "remote", a.remote, "received", a.received)
 	}
-	s.log("session reattached", "remote", a.remote, "received", a.received)
-	return true
+	a.reply <- err
+	return err == nil
 }
 
 // readLoop hands every message the client sends on a's connection to serve, and answers its
