@@ -120,7 +120,9 @@ const replayChunk = 64 << 10
 // messages of one batch after another; a batch that overflows a chunk is held as a run of whole
 // messages in each buffer it takes, and the room a chunk's last message leaves counts as held. Chunks are
 // reused, so that a replay that keeps up allocates nothing, and the memory it keeps is what
-// it held at its fullest: its size, the batch that filled it, and two chunks at most.
+// it held at its fullest: its size, twice the batch that filled it (once more for the room
+// its messages left at the ends of chunks), and two chunks (the acknowledged front of the first
+// chunk, the room at the end of the last) at most.
 type replay struct {
 	max     int           // bytes held at most, but for the last batch
 	held    []replayBatch // in order
@@ -151,19 +153,14 @@ func (r *replay) add(b *batch) {
 	if b.n == 0 {
 		return
 	}
-	if b.line != nil { // a long line's batch, which writeLoop escapes as it writes: whole, in a new buffer
-		buf := r.grow(len(b.frames) + len(b.line) + len(b.tail))
+	if b.line != nil { // a long line's batch, which writeLoop escapes as it writes: whole, in one buffer
+		buf := r.room(len(b.frames) + len(b.line) + len(b.tail))
 		frames, line, tail := r.put(buf, b.frames), r.put(buf, b.line), r.put(buf, b.tail)
 		r.hold(batch{frames: frames, line: line, tail: tail, n: b.n})
 		return
 	}
 	for frames := b.frames; len(frames) > 0; {
-		var buf *[]byte
-		if k := len(r.bufs); k > 0 && frameLen(frames) <= cap(r.bufs[k-1])-len(r.bufs[k-1]) {
-			buf = &r.bufs[k-1]
-		} else {
-			buf = r.grow(frameLen(frames))
-		}
+		buf := r.room(frameLen(frames))
 		size, n := 0, 0 // the whole messages that fit
 		for size < len(frames) && size+frameLen(frames[size:]) <= cap(*buf)-len(*buf) {
 			size += frameLen(frames[size:])
@@ -172,6 +169,14 @@ func (r *replay) add(b *batch) {
 		r.hold(batch{frames: r.put(buf, frames[:size]), n: n})
 		frames = frames[size:]
 	}
+}
+
+// room returns the last buffer if it has room for need bytes, else grow's new one.
+func (r *replay) room(need int) *[]byte {
+	if k := len(r.bufs); k > 0 && need <= cap(r.bufs[k-1])-len(r.bufs[k-1]) {
+		return &r.bufs[k-1]
+	}
+	return r.grow(need)
 }
 
 // grow adds a buffer with room for need bytes, to pack into from then on, and returns it: a

@@ -100,9 +100,11 @@ func TestReplay(t *testing.T) {
 
 // TestReplayBound fills a replay until it is full, acknowledges everything, and does it again,
 // with batches of several shapes one after another. The memory it holds, and keeps for reuse
-// once everything is acknowledged, stays within its size, the batch that filled it and two
-// chunks: the room that messages too large for what is left of a chunk leave counts as held,
-// and spare chunks make way for a buffer larger than a chunk.
+// once everything is acknowledged, stays within its size, twice the batch that filled it and
+// two chunks: the room that messages too large for what is left of a chunk leave counts as
+// held, and spare chunks make way for a buffer larger than a chunk. The last row builds the worst
+// case: the first chunk acknowledged but for its last message, a last chunk with one message,
+// then a long line that fits in it.
 func TestReplayBound(t *testing.T) {
 	lines := func(n, size int) func() *batch {
 		return func() *batch {
@@ -133,7 +135,7 @@ func TestReplayBound(t *testing.T) {
 					size = len(b.frames)
 					r.add(b)
 				}
-				limit := r.max + size + 2*replayChunk
+				limit := r.max + 2*size + 2*replayChunk
 				if m := replayMem(r); m > limit {
 					t.Fatalf("%d bytes of buffers for %d bytes held, over %d", m, r.bytes, limit)
 				}
@@ -144,6 +146,33 @@ func TestReplayBound(t *testing.T) {
 				if m := replayMem(r); m > limit {
 					t.Fatalf("%d bytes kept for reuse, over %d", m, limit)
 				}
+			}
+		})
+	}
+	// Sizes that are not a multiple of a chunk, where the room that nothing fills is largest.
+	for _, size := range []int{70_000, 1<<20 + 2000} {
+		t.Run(fmt.Sprintf("worst case/max=%d", size), func(t *testing.T) {
+			r := &replay{max: size}
+			small := message(396)
+			for len(r.bufs) < 2 { // a first chunk whose messages are acknowledged, but for its last
+				r.add(small())
+				if len(r.bufs) < 2 {
+					r.ack(r.sent - 1)
+				}
+			}
+			for r.bytes+replayChunk+400 < r.max { // whole chunks, then one message in a new one
+				for k := len(r.bufs); len(r.bufs) == k; {
+					r.add(small())
+				}
+			}
+			b := &batch{}
+			if r.full() || !b.addOutput("stdout", bytes.Repeat([]byte("\x01"), 11_000), 0, 1) {
+				t.Fatal("the replay is full, or the line was encoded whole")
+			}
+			r.add(b)
+			limit := r.max + 2*(len(b.frames)+len(b.line)+len(b.tail)) + 2*replayChunk
+			if m := replayMem(r); m > limit {
+				t.Errorf("%d bytes of buffers, over %d", m, limit)
 			}
 		})
 	}

@@ -149,7 +149,8 @@ func (s *session) serve(a *attachment) {
 	if s.reattaching() {
 		s.token = newToken(s.srv.cfg.Instance)
 	}
-	s.attach(a, 0, false) // cannot fail: writeLoop takes the first connection before anything else
+	// This cannot fail: writeLoop takes the first connection before anything else.
+	s.attach(a, 0, false)
 	var expire <-chan time.Time // while detached, the end of the window
 	for s.ctx.Err() == nil {
 		var dead <-chan struct{}
