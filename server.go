@@ -99,10 +99,10 @@
 // read buffer and two batches of under maxBatch+maxInline bytes, and once the writer's piece of a
 // long line: about 1.7 MiB at the default limits. With a reattach window add the replay:
 // ReattachBuffer bytes of what was sent (encoded, but long lines as read), two batches and two
-// 64 KiB chunks, and up to as much again of serve's messages waiting for room. (The rate limit of the refusal log,
-// refusals.go, has a mutex of its own, held for its counters only; the line is logged after it is
-// released. The metrics of /metrics, metrics.go, are atomics, which any goroutine adds to without
-// a lock.)
+// 64 KiB chunks, and up to as much again of serve's messages waiting for room. (The rate limit
+// of the refusal log, refusals.go, has a mutex of its own, held for its counters only; the line
+// is logged after it is released. The metrics of /metrics, metrics.go, are atomics, which any
+// goroutine adds to without a lock.)
 //
 // Each session owns these goroutines, joined before its slot is freed: serve (session.go), the
 // handler's goroutine, which answers requests in order and owns the session's state; readLoop,
