@@ -117,12 +117,12 @@ const replayChunk = 64 << 10
 // A replay holds the messages a session sent that the client has not acknowledged, for a
 // client that reattaches. It belongs to the session's writer. Messages are counted from 1
 // across the session's connections. What it holds it copies into chunks, each packed with the
-// messages of one batch after another; a batch that overflows a chunk is held as a run of whole
-// messages in each buffer it takes, and the room a chunk's last message leaves counts as held. Chunks are
-// reused, so that a replay that keeps up allocates nothing, and the memory it keeps is what
-// it held at its fullest: its size, twice the batch that filled it (once more for the room
-// its messages left at the ends of chunks), and two chunks (the acknowledged front of the first
-// chunk, the room at the end of the last) at most.
+// messages of one batch after another; a batch that overflows a chunk is held as a run of
+// whole messages in each buffer it takes, and the room a chunk's last message leaves counts as
+// held. Chunks are reused, so that a replay that keeps up allocates nothing, and the memory it
+// keeps is what it held at its fullest: its size, twice the batch that filled it (once more
+// for the room its messages left at the ends of chunks), and two chunks (the acknowledged
+// front of the first chunk, the room at the end of the last) at most.
 type replay struct {
 	max     int           // bytes held at most, but for the last batch
 	held    []replayBatch // in order
@@ -153,7 +153,7 @@ func (r *replay) add(b *batch) {
 	if b.n == 0 {
 		return
 	}
-	if b.line != nil { // a long line's batch, which writeLoop escapes as it writes: whole, in one buffer
+	if b.line != nil { // a long line's batch, which writeLoop escapes as it writes: in one buffer
 		buf := r.room(len(b.frames) + len(b.line) + len(b.tail))
 		frames, line, tail := r.put(buf, b.frames), r.put(buf, b.line), r.put(buf, b.tail)
 		r.hold(batch{frames: frames, line: line, tail: tail, n: b.n})
