@@ -111,7 +111,7 @@ type positionError struct{ msg string }
 func (e *positionError) Error() string { return e.msg }
 
 // replayChunk is the size of the buffers a replay packs messages into, end to end. A message
-// larger than that has a buffer of its own, as a long line's batch has.
+// larger than that has a buffer of its own, and so has a long line's batch larger than that.
 const replayChunk = 64 << 10
 
 // A replay holds the messages a session sent that the client has not acknowledged, for a
