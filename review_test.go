@@ -185,9 +185,9 @@ func TestRequestsPastTheReplay(t *testing.T) {
 }
 
 // pipeSession admits a session of ts whose first connection is a pipe, not a socket, and
-// returns it with the pipe's server end, and a client on the other end. The caller starts it
-// with ts.serveSession(ss, newAttachment(c, "pipe")), when it likes.
-func pipeSession(t *testing.T, ts *testServer) (ss *session, c *conn, cl *client) {
+// returns it with the pipe's server end, a client on the other end, and serve, which serves
+// the session in a goroutine and returns a channel closed once it has ended.
+func pipeSession(t *testing.T, ts *testServer) (ss *session, c *conn, cl *client, serve func() <-chan struct{}) {
 	t.Helper()
 	ss = ts.newSession("pipe")
 	if err := ts.sessions.add(ss); err != nil {
@@ -197,7 +197,15 @@ func pipeSession(t *testing.T, ts *testServer) (ss *session, c *conn, cl *client
 	t.Cleanup(func() { near.Close() }) // before ts's Shutdown: a pipe's write waits for its reader
 	c = newConn(far, ts.cfg.WriteWait)
 	c.in = bufio.NewReader(c)
-	return ss, c, &client{t: t, c: near, br: bufio.NewReader(near)}
+	serve = func() <-chan struct{} {
+		served := make(chan struct{})
+		go func() { // returns once the session has ended; the test waits for served
+			ts.serveSession(ss, newAttachment(c, "pipe"))
+			close(served)
+		}()
+		return served
+	}
+	return ss, c, &client{t: t, c: near, br: bufio.NewReader(near)}, serve
 }
 
 // TestShutdownAtAdmission starts a session whose Shutdown began between its admission and its
@@ -210,11 +218,11 @@ func TestShutdownAtAdmission(t *testing.T) {
 		t.Run(fmt.Sprintf("window=%v", window), func(t *testing.T) {
 			for try := range 20 {
 				ts := newTestServer(t, Config{ReattachWindow: window})
-				ss, c, cl := pipeSession(t, ts)
+				ss, _, cl, serve := pipeSession(t, ts)
 				shut := make(chan error, 1)
 				go func() { shut <- ts.Shutdown(t.Context()) }() // returns once ss has ended
 				<-ss.ctx.Done()
-				go ts.serveSession(ss, newAttachment(c, "pipe"))
+				served := serve()
 
 				m, err := cl.read()
 				if err != nil || m.Method != "connected" {
@@ -226,6 +234,7 @@ func TestShutdownAtAdmission(t *testing.T) {
 				if err := <-shut; err != nil {
 					t.Fatalf("Shutdown: %v", err)
 				}
+				<-served
 			}
 		})
 	}
@@ -237,8 +246,8 @@ func TestShutdownAtAdmission(t *testing.T) {
 func TestRefusedTakeoverKeepsWriteWait(t *testing.T) {
 	const wait = 7 * time.Second
 	ts := newTestServer(t, reattachConfig(t, Config{WriteWait: wait}, time.Minute))
-	ss, c, cl := pipeSession(t, ts)
-	go ts.serveSession(ss, newAttachment(c, "pipe"))
+	_, c, cl, serve := pipeSession(t, ts)
+	served := serve()
 	rc := &rclient{t: t, client: cl}
 	rc.expectConnected()
 	assertResumeRefused(t, ts.addr, rc.id, rc.token, "5", "received 5 but only 0 messages were sent")
@@ -246,4 +255,6 @@ func TestRefusedTakeoverKeepsWriteWait(t *testing.T) {
 		t.Errorf("the live connection's write wait after a refused takeover: %v, want %v", got, wait)
 	}
 	rc.runEcho()
+	cl.close() // which ends the session
+	<-served
 }
